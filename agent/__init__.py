@@ -1,0 +1,1 @@
+"""hostfw: a host firewall agent enforcing Neutron-style security groups with iptables."""

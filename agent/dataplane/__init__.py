@@ -1,0 +1,1 @@
+"""Everything between a compiled Ruleset and the kernel."""
