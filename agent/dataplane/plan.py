@@ -99,8 +99,10 @@ def plan_table(desired: Table | None, actual: KernelTable | None, family: int, t
     appends = [f"-A {name} {spec}" for name in rewrite for spec in want[name]]
 
     hook_lines = []
-    wanted_hooks = {(h.chain, h.spec) for h in (desired.hooks if desired else ())}
-    for hook in (desired.hooks if desired else ()):
+    hooks = desired.hooks if desired else ()
+    wanted_hooks = {(h.chain, h.spec) for h in hooks}
+    # Missing hooks go to the top; inserting in reverse keeps their given order.
+    for hook in reversed(hooks):
         count = have.get(hook.chain, []).count(hook.spec)
         if count == 0:
             hook_lines.append(f"-I {hook.chain} 1 {hook.spec}")

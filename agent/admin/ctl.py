@@ -1,0 +1,183 @@
+"""agent-ctl: the operator's CLI over the admin socket (CONTRACT 6).
+
+Rules of this room: a thin client. It sends one JSON request, prints the
+answer as a human table or, with `--json`, exactly what the socket returned.
+Exit codes: 0 success, 1 failure (one line on stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+from typing import Any
+
+from oslo_config import cfg
+
+from agent import config
+
+DEFAULT_SOCKET = "/run/hostfw/agent.sock"
+
+
+class CtlError(RuntimeError):
+    """A failure to report on one line and exit 1."""
+
+
+def call(path: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    except FileNotFoundError:
+        raise CtlError(f"the agent is not running (no socket at {path})") from None
+    except ConnectionRefusedError:
+        raise CtlError(f"the agent is not running (nobody listens on {path})") from None
+    except TimeoutError:
+        raise CtlError(f"the agent did not answer within {timeout:.0f} s") from None
+    except OSError as exc:
+        raise CtlError(f"cannot talk to the agent at {path}: {exc}") from None
+    finally:
+        sock.close()
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise CtlError("the agent sent an unreadable answer") from None
+
+
+def socket_path(args: argparse.Namespace) -> str:
+    if args.socket:
+        return args.socket
+    if args.config_file:
+        conf = cfg.ConfigOpts()
+        config.register_opts(conf)
+        conf(["--config-file", args.config_file], project="hostfw",
+             default_config_files=[])
+        return conf.admin.socket_path
+    return DEFAULT_SOCKET
+
+
+def _ago(stamp: float | None) -> str:
+    return "never" if stamp is None else f"{time.time() - stamp:.1f} s ago"
+
+
+def print_status(reply: dict[str, Any]) -> None:
+    rows = [
+        ("mode", reply.get("mode")), ("backend", reply.get("backend")),
+        ("netns", reply.get("netns") or "(own)"), ("in sync", reply.get("in_sync")),
+        ("generation", reply.get("generation")), ("ports active", reply.get("ports_active")),
+        ("ports known", reply.get("ports_known")), ("devices", reply.get("devices")),
+        ("unknown devices", ", ".join(reply.get("unknown_devices") or []) or "-"),
+        ("rules", reply.get("rules")), ("ipsets", reply.get("ipsets")),
+        ("last apply ok", _ago(reply.get("last_apply_ok_at"))),
+    ]
+    source = reply.get("source") or {}
+    for key, value in sorted(source.items()):
+        if key != "error":
+            rows.append((f"source {key}", value))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    errors = reply.get("errors") or []
+    print(f"{'errors':<{width}}  {len(errors)}")
+    for error in errors:
+        print(f"  - {error}")
+
+
+def print_ports(reply: dict[str, Any]) -> None:
+    ports = reply.get("ports", [])
+    header = ("DEVICE", "PORT", "STATE", "IPS", "GROUPS")
+    rows = [(p["device"], p["id"], p["state"], ",".join(p["fixed_ips"]),
+             ",".join(p["security_groups"])) for p in ports]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(f"{str(c):<{w}}" for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def print_chains(tables: dict[str, dict[str, list[str]]]) -> None:
+    for table, chains in tables.items():
+        print(f"# {table}")
+        for chain, rules in chains.items():
+            print(f":{chain}")
+            for rule in rules:
+                print(f"-A {chain} {rule}")
+
+
+def print_dump(reply: dict[str, Any]) -> None:
+    for table, body in reply.get("tables", {}).items():
+        print(f"# {table}")
+        for hook in body["hooks"]:
+            print(hook)
+        for chain, rules in body["chains"].items():
+            print(f":{chain}")
+            for rule in rules:
+                print(f"-A {chain} {rule}")
+    for name, body in reply.get("ipsets", {}).items():
+        print(f"# ipset {name} ({body['family']}, {body['type']}): "
+              f"{' '.join(body['members']) or '(empty)'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agent-ctl", description="Drive a hostfw-agent.")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--socket", help="admin socket path")
+    where.add_argument("--config-file", help="read [admin] socket_path from this file")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds to wait for the agent (default 10, resync --wait 60)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("status", "ports", "dump"):
+        p = sub.add_parser(name)
+        p.add_argument("--json", action="store_true")
+    resync = sub.add_parser("resync")
+    resync.add_argument("--wait", action="store_true")
+    resync.add_argument("--timeout", type=float, default=None, dest="resync_timeout")
+    resync.add_argument("--json", action="store_true")
+    show = sub.add_parser("show")
+    show.add_argument("port", help="port id or device name")
+    show.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    request: dict[str, Any] = {"command": args.command}
+    timeout = args.timeout or 10.0
+    if args.command == "resync":
+        wait_for = args.resync_timeout or 60.0
+        request.update(wait=args.wait, timeout=wait_for)
+        timeout = max(timeout, wait_for + 5)
+    if args.command == "show":
+        request["port"] = args.port
+    try:
+        reply = call(socket_path(args), request, timeout)
+    except (CtlError, cfg.Error) as exc:
+        print(f"agent-ctl: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(reply, indent=2, sort_keys=True))
+    elif reply.get("ok"):
+        printers = {"status": print_status, "ports": print_ports, "dump": print_dump,
+                    "show": lambda r: print_chains(r.get("chains", {}))}
+        if args.command in printers:
+            printers[args.command](reply)
+        else:
+            print(f"resync {'done' if args.wait else 'queued'}"
+                  + (f": generation {reply.get('generation')}, in sync"
+                     if args.wait else ""))
+    if not reply.get("ok"):
+        print(f"agent-ctl: {reply.get('error', 'the agent reported a failure')}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""hostfw-controller: the server side of the Neutron-compatible RPC API."""

@@ -1,0 +1,332 @@
+"""hostfw-agent: wire the sources, the compiler and the writer, and own the loop.
+
+Rules of this room:
+
+1. One queue, one writer. Sources (netlink, policy file or RPC, admin socket,
+   the resync timer) only put events on the queue; the writer thread, which
+   entered `[agent] netns` first, drains it, compiles and applies. Nothing
+   else touches the kernel.
+2. Bursts coalesce: after the first event the writer waits `batch_window`
+   for more, then applies once.
+3. Fail closed, never flush: until the first policy arrives the agent leaves
+   rules it finds in place (a restart adopts them); on a node with none of
+   ours yet it applies the empty policy, which drops every managed device.
+   SIGTERM leaves every rule where it is.
+4. Failures retry with backoff (tenacity inside an apply, a growing delay
+   between applies) and show in `agent-ctl status`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import tenacity
+from oslo_config import cfg
+
+from agent import config, netns
+from agent.admin.server import AdminServer
+from agent.compiler import Compiled, Settings, Snapshot, compile_ruleset
+from agent.compiler.names import Names
+from agent.dataplane.command import KernelWriteError
+from agent.dataplane.engine import Engine
+from agent.dataplane.restore_backend import RestoreBackend, detect_mode
+from agent.model import Policy
+from agent.sources.base import PolicySource
+from agent.sources.netlink import DeviceWatcher
+from agent.sources.policy_file import PolicyFileSource
+from agent.state import NodeState
+
+LOG = logging.getLogger("hostfw.agent")
+MAX_RETRY_DELAY = 30.0
+
+
+@dataclass
+class Waiter:
+    """A caller blocked until the writer finishes something for it."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict[str, Any] = field(default_factory=dict)
+
+    def finish(self, **result: Any) -> None:
+        self.result = result
+        self.done.set()
+
+
+@dataclass
+class Event:
+    kind: str                       # devices | policy | resync | call | stop
+    payload: Any = None
+    waiter: Waiter | None = None
+
+
+def settings_from_conf(conf: cfg.ConfigOpts) -> Settings:
+    return Settings(
+        names=Names(conf.firewall.chain_prefix, conf.firewall.ipset_prefix,
+                    conf.agent.device_prefix),
+        unknown_device_policy=conf.agent.unknown_device_policy,
+        enable_ipv6=conf.firewall.enable_ipv6,
+    )
+
+
+def make_source(conf: cfg.ConfigOpts) -> PolicySource:
+    if conf.agent.mode == "standalone":
+        return PolicyFileSource(conf.agent.policy_file)
+    from agent.sources.rpc import RpcSource  # imported lazily: oslo.messaging is heavy
+    return RpcSource(conf)
+
+
+class Agent:
+    """The daemon: state, queue, writer thread and the shells around them."""
+
+    def __init__(self, conf: cfg.ConfigOpts, source: PolicySource) -> None:
+        self.conf = conf
+        self.settings = settings_from_conf(conf)
+        self.source = source
+        self.queue: queue.Queue[Event] = queue.Queue()
+        self.state = NodeState(mode=conf.agent.mode, namespace=conf.agent.netns)
+        self.stopping = threading.Event()
+        self.fatal: str | None = None
+        self.engine: Engine | None = None
+        self.watcher = DeviceWatcher(conf.agent.netns, conf.agent.device_prefix,
+                                     self._on_devices, self._on_fatal)
+        self.writer = threading.Thread(target=self._writer_main, name="writer", daemon=True)
+        self._devices_seen = threading.Event()
+
+    # ------------------------------------------------------------ shells enqueue
+
+    def _on_devices(self, devices: frozenset[str], full: bool) -> None:
+        self.queue.put(Event("devices", (devices, full)))
+        self._devices_seen.set()
+
+    def _on_policy(self, policy: Policy) -> None:
+        self.queue.put(Event("policy", policy))
+
+    def _on_fatal(self, reason: str) -> None:
+        LOG.critical("%s", reason)
+        self.fatal = reason
+        self.stopping.set()
+        self.queue.put(Event("stop"))
+
+    def request_resync(self, wait: bool = False, timeout: float = 60.0) -> dict[str, Any]:
+        """Re-read the source, re-scan, recompile, reconcile; optionally wait for it."""
+        self.source.resync()
+        waiter = Waiter() if wait else None
+        self.queue.put(Event("resync", waiter=waiter))
+        if waiter is None:
+            return {"ok": True, "queued": True}
+        if not waiter.done.wait(timeout):
+            return {"ok": False, "error": f"resync did not finish within {timeout} s"}
+        return waiter.result
+
+    def call_on_writer(self, fn: Callable[[Engine], Any], timeout: float = 30.0) -> Any:
+        """Run `fn(engine)` on the writer thread (in the managed namespace)."""
+        waiter = Waiter()
+        self.queue.put(Event("call", fn, waiter))
+        if not waiter.done.wait(timeout):
+            raise TimeoutError("the writer thread did not answer in time")
+        if "error" in waiter.result:
+            raise RuntimeError(waiter.result["error"])
+        return waiter.result["value"]
+
+    # ------------------------------------------------------------ writer thread
+
+    def _writer_main(self) -> None:
+        try:
+            netns.enter(self.conf.agent.netns)
+            self.engine = self._make_engine()
+        except (OSError, ValueError, KernelWriteError) as exc:
+            self._on_fatal(f"cannot start the writer: {exc}")
+            return
+        self._loop(self.engine)
+
+    def _make_engine(self) -> Engine:
+        mode = self.conf.firewall.backend
+        if mode == "iptc":
+            raise ValueError("[firewall] backend iptc (python-iptables) is not implemented "
+                             "yet; use iptables-legacy, iptables-nft or auto")
+        if mode == "auto":
+            mode = detect_mode()
+        self.state.backend = mode
+        LOG.info("writer in netns %r using %s", self.conf.agent.netns or "(own)", mode)
+        return Engine(RestoreBackend(mode), self.settings.names, self.settings.families)
+
+    def _loop(self, engine: Engine) -> None:
+        window = self.conf.agent.batch_window
+        retry_delay = 0.0
+        retry_at: float | None = None
+        next_resync = time.monotonic() + self.conf.agent.resync_interval
+        while not self.stopping.is_set():
+            deadline = min(next_resync, retry_at or next_resync)
+            try:
+                first = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                first = None
+            batch = [first] if first else []
+            if first:
+                end = time.monotonic() + window
+                while (left := end - time.monotonic()) > 0:
+                    try:
+                        batch.append(self.queue.get(timeout=left))
+                    except queue.Empty:
+                        break
+            waiters = []
+            dirty = False
+            for event in batch:
+                if event.kind == "stop":
+                    return
+                if event.kind == "call":
+                    self._run_call(engine, event)
+                    continue
+                dirty = True
+                if event.waiter:
+                    waiters.append(event.waiter)
+                if event.kind == "devices":
+                    devices, full = event.payload
+                    self.state.devices = devices
+                    self.source.set_devices(devices)
+                    if full:
+                        next_resync = 0.0
+                elif event.kind == "policy":
+                    self.state.policy = event.payload
+            now = time.monotonic()
+            if now >= next_resync:
+                self._periodic_resync()
+                next_resync = now + self.conf.agent.resync_interval
+                dirty = True
+            if retry_at is not None and now >= retry_at:
+                dirty = True
+            if not dirty or not self._devices_seen.is_set():
+                for waiter in waiters:
+                    waiter.finish(ok=False, error="the agent has not seen the devices yet")
+                continue
+            ok = self._apply(engine)
+            if ok:
+                retry_delay, retry_at = 0.0, None
+            else:
+                retry_delay = min(MAX_RETRY_DELAY, max(1.0, retry_delay * 2))
+                retry_at = time.monotonic() + retry_delay
+            for waiter in waiters:
+                waiter.finish(ok=ok and self.state.in_sync, in_sync=self.state.in_sync,
+                              generation=self.state.generation,
+                              **({} if ok else {"error": self.state.apply_error}))
+
+    def _periodic_resync(self) -> None:
+        threading.Thread(target=self.source.resync, name="resync", daemon=True).start()
+
+    def _run_call(self, engine: Engine, event: Event) -> None:
+        assert event.waiter is not None
+        try:
+            event.waiter.finish(value=event.payload(engine))
+        except Exception as exc:  # reported to the admin caller, never kills the loop
+            event.waiter.finish(error=f"{type(exc).__name__}: {exc}")
+
+    def _apply(self, engine: Engine) -> bool:
+        policy = self.state.policy
+        if policy is None:
+            has_ours = any(self.settings.names.owns_chain(c)
+                           for tables in engine.read().values()
+                           for t in tables.values() for c in t.chains)
+            if has_ours:
+                LOG.info("no policy yet; keeping the rules found in the kernel")
+                return True
+            policy = Policy()
+        compiled = compile_ruleset(Snapshot(policy, self.state.devices, self.settings))
+        try:
+            report = self._apply_with_retries(engine, compiled)
+        except KernelWriteError as exc:
+            LOG.error("apply failed: %s", exc)
+            self.state.record_failure(compiled, f"apply failed: {exc}")
+            return False
+        self.state.record_apply(compiled, report)
+        for warning in report.warnings:
+            LOG.warning("%s", warning)
+        if report.changed:
+            LOG.info("applied generation %d: %s, %d chains, %d lines, ipset +%d/-%d, "
+                     "%.3f s, in_sync=%s", self.state.generation, report.tables_written,
+                     report.chains_written, report.lines_written, report.ipset_members_added,
+                     report.ipset_members_removed, report.seconds, report.in_sync)
+        return True
+
+    @staticmethod
+    def _apply_with_retries(engine: Engine, compiled: Compiled):  # noqa: ANN205
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(KernelWriteError),
+            stop=tenacity.stop_after_attempt(3),
+            wait=tenacity.wait_exponential_jitter(initial=0.1, max=1.0),
+            before_sleep=lambda rs: LOG.warning("apply attempt %d failed: %s; retrying",
+                                                rs.attempt_number, rs.outcome.exception()),
+            reraise=True,
+        )
+        return retrying(engine.apply, compiled.ruleset)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.writer.start()
+        self.watcher.start()
+        self.source.start(self._on_policy)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.queue.put(Event("stop"))
+        self.watcher.stop()
+        self.source.stop()
+
+
+def parse_args(argv: list[str] | None) -> cfg.ConfigOpts:
+    conf = cfg.CONF
+    config.register_opts(conf)
+    conf(argv, project="hostfw", prog="hostfw-agent",
+         default_config_files=[f for f in ["/etc/hostfw/agent.conf"] if os.path.exists(f)])
+    return conf
+
+
+def main(argv: list[str] | None = None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--debug", action="store_true")
+    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.DEBUG if known.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
+    try:
+        conf = parse_args(rest)
+    except cfg.Error as exc:
+        print(f"hostfw-agent: {exc}", file=sys.stderr)
+        return 2
+    problems = config.validate(conf)
+    if problems:
+        for problem in problems:
+            print(f"hostfw-agent: {problem}", file=sys.stderr)
+        return 2
+    if conf.agent.netns and not os.path.exists(netns.netns_path(conf.agent.netns)):
+        print(f"hostfw-agent: [agent] netns {conf.agent.netns!r} does not exist",
+              file=sys.stderr)
+        return 2
+    agent = Agent(conf, make_source(conf))
+    admin = AdminServer(conf.admin.socket_path, agent)
+    admin.start()
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(
+        target=agent.request_resync, name="sighup", daemon=True).start())
+    agent.start()
+    LOG.info("hostfw-agent started (mode %s)", conf.agent.mode)
+    while not agent.stopping.wait(1.0):
+        pass
+    admin.stop()
+    agent.writer.join(timeout=10)
+    LOG.info("hostfw-agent stopped; rules left in place")
+    return 1 if agent.fatal else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Watch managed devices (taps) appear and vanish, through rtnetlink (pyroute2).
+
+Rules of this room:
+
+1. Subscribe first, then dump, then read events on the same socket: a device
+   created between the dump and the first read is still seen (the dump and
+   the broadcasts queue separately), so nothing is missed.
+2. The thread only observes: it keeps the index -> name map and reports the
+   full set of managed device names after every datagram. The daemon coalesces
+   those reports, so a burst of 500 taps costs one apply, not 500.
+3. ENOBUFS means the kernel dropped events and the socket is dead for good:
+   close it, open a new one, dump again and report with `full=True` so the
+   daemon does a full resync.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import threading
+from collections.abc import Callable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+from agent import netns
+
+LOG = logging.getLogger(__name__)
+RCVBUF = 8 << 20
+
+
+class DeviceWatcher(threading.Thread):
+    """Reports `on_change(devices, full)` with every device whose name has `prefix`."""
+
+    def __init__(self, namespace: str, prefix: str,
+                 on_change: Callable[[frozenset[str], bool], None],
+                 on_error: Callable[[str], None]) -> None:
+        super().__init__(name="netlink", daemon=True)
+        self.namespace = namespace
+        self.prefix = prefix
+        self.on_change = on_change
+        self.on_error = on_error
+        self._stop_event = threading.Event()
+        self.reopens = 0
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        try:
+            netns.enter(self.namespace)
+        except OSError as exc:
+            self.on_error(f"netlink watcher cannot enter netns {self.namespace!r}: {exc}")
+            return
+        while not self._stop_event.is_set():
+            try:
+                self._watch()
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    LOG.warning("netlink: the kernel dropped link events (ENOBUFS); "
+                                "reopening and resyncing")
+                else:
+                    LOG.error("netlink: %s; reopening in 1 s", exc)
+                    self._stop_event.wait(1.0)
+                self.reopens += 1
+
+    def _watch(self) -> None:
+        ipr = IPRoute(rcvbuf=RCVBUF)
+        try:
+            ipr.bind(groups=RTMGRP_LINK)
+            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            self.on_change(self._managed(names), True)
+            while not self._stop_event.is_set():
+                ready, _, _ = select.select([ipr.fileno()], [], [], 0.5)
+                if not ready:
+                    continue
+                changed = False
+                for msg in ipr.get():
+                    event = msg.get("event")
+                    if event == "RTM_NEWLINK":
+                        name = msg.get_attr("IFLA_IFNAME")
+                        changed |= names.get(msg["index"]) != name
+                        names[msg["index"]] = name
+                    elif event == "RTM_DELLINK":
+                        changed |= names.pop(msg["index"], None) is not None
+                if changed:
+                    self.on_change(self._managed(names), False)
+        finally:
+            ipr.close()
+
+    def _managed(self, names: dict[int, str | None]) -> frozenset[str]:
+        return frozenset(n for n in names.values() if n and n.startswith(self.prefix))
