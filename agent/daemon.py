@@ -38,7 +38,7 @@ from agent.admin.server import AdminServer
 from agent.compiler import Compiled, Settings, Snapshot, compile_ruleset
 from agent.compiler.names import Names
 from agent.dataplane.command import KernelWriteError
-from agent.dataplane.engine import Engine
+from agent.dataplane.engine import ApplyReport, Engine
 from agent.dataplane.restore_backend import RestoreBackend, detect_mode
 from agent.model import Policy
 from agent.sources.base import PolicySource
@@ -47,7 +47,55 @@ from agent.sources.policy_file import PolicyFileSource
 from agent.state import NodeState
 
 LOG = logging.getLogger("hostfw.agent")
-MAX_RETRY_DELAY = 30.0
+FORCE_AFTER_FAILURES = 3
+
+
+class Timers:
+    """When the writer must wake up without an event: resync, drift check, retry.
+
+    After every write the kernel is re-read soon (1 s), then at a doubling
+    interval up to `resync_interval`, so tampering right after a change is
+    caught quickly without re-reading a large table on every apply. Failed
+    applies are retried with a doubling delay, capped at 30 s.
+    """
+
+    def __init__(self, resync_interval: float) -> None:
+        self.resync_interval = resync_interval
+        now = time.monotonic()
+        self.due = {"resync": now + resync_interval}
+        self.drift_delay = 1.0
+        self.retry_delay = 0.0
+        self.failures = 0
+
+    def next_due(self) -> float:
+        return min(self.due.values())
+
+    def pop_due(self) -> set[str]:
+        now = time.monotonic()
+        fired = {name for name, at in self.due.items() if at <= now}
+        for name in fired:
+            del self.due[name]
+        if "resync" in fired or "resync" not in self.due:
+            self.due["resync"] = now + self.resync_interval
+        return fired
+
+    def after_apply(self, ok: bool, changed: bool) -> None:
+        now = time.monotonic()
+        if not ok:
+            self.failures += 1
+            self.retry_delay = min(30.0, max(1.0, self.retry_delay * 2))
+            self.due["retry"] = now + self.retry_delay
+            return
+        self.failures = 0
+        self.retry_delay = 0.0
+        self.due.pop("retry", None)
+        if changed:
+            self.drift_delay = 1.0
+        elif "drift" not in self.due:
+            self.drift_delay = min(self.resync_interval, self.drift_delay * 2)
+            if self.drift_delay >= self.resync_interval:
+                return
+        self.due["drift"] = now + self.drift_delay
 
 
 @dataclass
@@ -161,64 +209,62 @@ class Agent:
         return Engine(RestoreBackend(mode), self.settings.names, self.settings.families)
 
     def _loop(self, engine: Engine) -> None:
-        window = self.conf.agent.batch_window
-        retry_delay = 0.0
-        retry_at: float | None = None
-        next_resync = time.monotonic() + self.conf.agent.resync_interval
+        timers = Timers(self.conf.agent.resync_interval)
         while not self.stopping.is_set():
-            deadline = min(next_resync, retry_at or next_resync)
-            try:
-                first = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                first = None
-            batch = [first] if first else []
-            if first:
-                end = time.monotonic() + window
-                while (left := end - time.monotonic()) > 0:
-                    try:
-                        batch.append(self.queue.get(timeout=left))
-                    except queue.Empty:
-                        break
-            waiters = []
-            dirty = False
+            batch = self._next_batch(timers.next_due())
+            waiters = [e.waiter for e in batch if e.waiter and e.kind != "call"]
+            dirty = refresh = False
             for event in batch:
                 if event.kind == "stop":
                     return
                 if event.kind == "call":
                     self._run_call(engine, event)
-                    continue
-                dirty = True
-                if event.waiter:
-                    waiters.append(event.waiter)
-                if event.kind == "devices":
+                elif event.kind == "devices":
                     devices, full = event.payload
                     self.state.devices = devices
                     self.source.set_devices(devices)
-                    if full:
-                        next_resync = 0.0
+                    dirty = True
+                    refresh |= full
                 elif event.kind == "policy":
                     self.state.policy = event.payload
-            now = time.monotonic()
-            if now >= next_resync:
+                    dirty = True
+                elif event.kind == "resync":
+                    dirty = refresh = True
+            due = timers.pop_due()
+            if "resync" in due:
                 self._periodic_resync()
-                next_resync = now + self.conf.agent.resync_interval
+            if due:
                 dirty = True
-            if retry_at is not None and now >= retry_at:
-                dirty = True
-            if not dirty or not self._devices_seen.is_set():
+                refresh |= bool(due & {"resync", "drift"})
+            if not dirty:
+                continue
+            if not self._devices_seen.is_set():
                 for waiter in waiters:
                     waiter.finish(ok=False, error="the agent has not seen the devices yet")
                 continue
-            ok = self._apply(engine)
-            if ok:
-                retry_delay, retry_at = 0.0, None
-            else:
-                retry_delay = min(MAX_RETRY_DELAY, max(1.0, retry_delay * 2))
-                retry_at = time.monotonic() + retry_delay
+            ok, changed = self._apply(engine, refresh=refresh or bool(waiters),
+                                      force=timers.failures >= FORCE_AFTER_FAILURES,
+                                      verify=refresh or bool(waiters))
+            timers.after_apply(ok, changed)
             for waiter in waiters:
                 waiter.finish(ok=ok and self.state.in_sync, in_sync=self.state.in_sync,
                               generation=self.state.generation,
                               **({} if ok else {"error": self.state.apply_error}))
+
+    def _next_batch(self, deadline: float) -> list[Event]:
+        """Wait for an event (or the deadline), then gather a burst of them."""
+        try:
+            first = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return []
+        batch = [first]
+        end = time.monotonic() + self.conf.agent.batch_window
+        while (left := end - time.monotonic()) > 0:
+            try:
+                batch.append(self.queue.get(timeout=left))
+            except queue.Empty:
+                break
+        return batch
 
     def _periodic_resync(self) -> None:
         threading.Thread(target=self.source.resync, name="resync", daemon=True).start()
@@ -230,7 +276,9 @@ class Agent:
         except Exception as exc:  # reported to the admin caller, never kills the loop
             event.waiter.finish(error=f"{type(exc).__name__}: {exc}")
 
-    def _apply(self, engine: Engine) -> bool:
+    def _apply(self, engine: Engine, refresh: bool, force: bool,
+               verify: bool) -> tuple[bool, bool]:
+        """Compile and apply; returns (succeeded, wrote anything)."""
         policy = self.state.policy
         if policy is None:
             has_ours = any(self.settings.names.owns_chain(c)
@@ -238,15 +286,15 @@ class Agent:
                            for t in tables.values() for c in t.chains)
             if has_ours:
                 LOG.info("no policy yet; keeping the rules found in the kernel")
-                return True
+                return True, False
             policy = Policy()
         compiled = compile_ruleset(Snapshot(policy, self.state.devices, self.settings))
         try:
-            report = self._apply_with_retries(engine, compiled)
+            report = self._apply_with_retries(engine, compiled, refresh, force, verify)
         except KernelWriteError as exc:
             LOG.error("apply failed: %s", exc)
             self.state.record_failure(compiled, f"apply failed: {exc}")
-            return False
+            return False, False
         self.state.record_apply(compiled, report)
         for warning in report.warnings:
             LOG.warning("%s", warning)
@@ -255,10 +303,11 @@ class Agent:
                      "%.3f s, in_sync=%s", self.state.generation, report.tables_written,
                      report.chains_written, report.lines_written, report.ipset_members_added,
                      report.ipset_members_removed, report.seconds, report.in_sync)
-        return True
+        return True, report.changed
 
     @staticmethod
-    def _apply_with_retries(engine: Engine, compiled: Compiled):  # noqa: ANN205
+    def _apply_with_retries(engine: Engine, compiled: Compiled, refresh: bool, force: bool,
+                            verify: bool) -> ApplyReport:
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(KernelWriteError),
             stop=tenacity.stop_after_attempt(3),
@@ -267,7 +316,8 @@ class Agent:
                                                 rs.attempt_number, rs.outcome.exception()),
             reraise=True,
         )
-        return retrying(engine.apply, compiled.ruleset)
+        return retrying(engine.apply, compiled.ruleset, refresh=refresh, force=force,
+                        verify=verify)
 
     # ------------------------------------------------------------ lifecycle
 

@@ -43,4 +43,4 @@ def enter(name: str) -> None:
 
 def current_inode() -> int:
     """The inode of the calling thread's network namespace (identifies it)."""
-    return os.stat(f"/proc/thread-self/ns/net").st_ino
+    return os.stat("/proc/thread-self/ns/net").st_ino

@@ -5,11 +5,14 @@ Rules of this room:
 1. Called from the writer thread only (the one that entered the managed
    network namespace); every kernel read and write of the agent happens here.
 2. Order per apply: ipset creates and member changes, then each table in one
-   atomic restore transaction, then ipset destroys. A rule never references a
-   missing set, and no set is destroyed while our rules still use it.
-3. Every apply starts from a fresh read of the kernel, so drift (a flushed
-   chain, a deleted hook, a missing set member) is repaired by the same code
-   path as a policy change, and a no-op apply writes nothing.
+   atomic transaction, then ipset destroys. A rule never references a missing
+   set, and no set is destroyed while our rules still use it.
+3. The engine keeps `view`, what it believes the kernel holds (the last read
+   plus the plans it committed since), so an incremental apply diffs against
+   memory and writes only what changed, without reading 20k rules back. A
+   `refresh` re-reads the kernel first: that is how drift (a flushed chain, a
+   deleted hook, a missing set member) is found, and the same diff repairs it.
+4. A failed write makes the view unknown, so the next apply re-reads.
 """
 
 from __future__ import annotations
@@ -19,20 +22,25 @@ import time
 from dataclasses import dataclass, field
 
 from agent.compiler.names import Names
+from agent.dataplane.backend import Backend
 from agent.dataplane.command import KernelWriteError
-from agent.dataplane.ipsets import IpsetWriter, parse_ipset_save, plan_ipsets
+from agent.dataplane.ipsets import IpsetWriter, KernelSet, parse_ipset_save, plan_ipsets
 from agent.dataplane.plan import KernelTable, TablePlan, parse_save, plan_table
-from agent.dataplane.restore_backend import RestoreBackend, normalise_proto
+from agent.dataplane.restore_backend import normalise_proto
 from agent.dataplane.ruleset import TABLE_ORDER, Ruleset
 
 LOG = logging.getLogger(__name__)
 
+KernelView = dict[int, dict[str, KernelTable]]
+
 
 @dataclass
 class ApplyReport:
-    """What one apply did; the daemon turns it into status and logs."""
+    """What one apply did; the daemon turns it into status, logs and metrics."""
 
     in_sync: bool = False
+    refreshed: bool = False
+    drift_repaired: bool = False
     tables_written: list[str] = field(default_factory=list)
     chains_written: int = 0
     chains_deleted: int = 0
@@ -53,19 +61,25 @@ class ApplyReport:
 class Engine:
     """Reconciles owned chains, hooks and ipsets; never touches anything else."""
 
-    def __init__(self, backend: RestoreBackend, names: Names, families: tuple[int, ...]) -> None:
+    def __init__(self, backend: Backend, names: Names, families: tuple[int, ...]) -> None:
         self.backend = backend
         self.names = names
         self.families = families
         self.ipsets = IpsetWriter()
+        self.view: KernelView | None = None           # believed kernel tables
+        self.set_view: dict[str, KernelSet] | None = None  # believed owned ipsets
+        self.last_desired: Ruleset | None = None      # the ruleset of the last good apply
+        self.drift_repairs = 0
 
-    def read(self) -> dict[int, dict[str, KernelTable]]:
+    def read(self) -> KernelView:
         """The kernel's tables, per family, as iptables-save shows them."""
         return {f: parse_save(self.backend.save(f), normalise_proto) for f in self.families}
 
-    def plans(self, desired: Ruleset,
-              kernel: dict[int, dict[str, KernelTable]]) -> list[TablePlan]:
-        """The non-empty table plans that would make the kernel match `desired`."""
+    def read_sets(self) -> dict[str, KernelSet]:
+        return parse_ipset_save(self.ipsets.save(), self.names.owns_ipset)
+
+    def plans(self, desired: Ruleset, kernel: KernelView, force: bool = False) -> list[TablePlan]:
+        """The non-empty table plans that would make `kernel` match `desired`."""
         out = []
         for family in self.families:
             have = kernel[family]
@@ -74,43 +88,70 @@ class Engine:
                       if any(self.names.owns_chain(c) for c in table.chains)}
             for table in sorted(names, key=_table_rank):
                 plan = plan_table(desired.tables.get((family, table)), have.get(table),
-                                  family, table, self.names.owns_chain)
+                                  family, table, self.names.owns_chain, force)
                 if not plan.empty:
                     out.append(plan)
         return out
 
-    def apply(self, desired: Ruleset) -> ApplyReport:
-        """Make the kernel match `desired`; raise KernelWriteError if a step fails."""
+    def apply(self, desired: Ruleset, refresh: bool = False, force: bool = False,
+              verify: bool = False) -> ApplyReport:
+        """Make the kernel match `desired`; raise KernelWriteError if a step fails.
+
+        `refresh` re-reads the kernel first (drift check), `force` rewrites every
+        owned chain, `verify` re-reads after writing to prove the kernel matches.
+        """
         start = time.monotonic()
         report = ApplyReport()
-        sets = parse_ipset_save(self.ipsets.save(), self.names.owns_ipset)
-        set_plan = plan_ipsets(desired.ipsets, sets)
-        self.ipsets.restore(set_plan.before)
-        report.ipset_members_added = set_plan.added
-        report.ipset_members_removed = set_plan.removed
-
-        plans = self.plans(desired, self.read())
-        for plan in plans:
-            LOG.debug("restore %s v%d:\n%s", plan.table, plan.family, plan.script())
-            self.backend.restore(plan.family, plan.script())
-            report.tables_written.append(f"{plan.table}/v{plan.family}")
-            report.chains_written += len(plan.written_chains)
-            report.chains_deleted += len(plan.deleted_chains)
-            report.hook_changes += len(plan.hook_changes)
-            report.lines_written += len(plan.lines)
-        for line in set_plan.after:
-            try:
-                self.ipsets.restore([line])
-                report.ipsets_destroyed += 1
-            except KernelWriteError as exc:  # still referenced by someone else's rule
-                report.warnings.append(f"could not {line}: {exc}")
-        report.in_sync = not plans or self.in_sync(desired)
+        if refresh or force or self.view is None or self.set_view is None:
+            self.view, self.set_view = self.read(), self.read_sets()
+            report.refreshed = True
+        try:
+            self._write(desired, report, force)
+        except KernelWriteError:
+            self.view = self.set_view = None
+            raise
+        if report.refreshed and report.changed and desired == self.last_desired:
+            self.drift_repairs += 1
+            report.drift_repaired = True
+            LOG.warning("repaired drift in the kernel: %s, %d chains, ipset +%d/-%d",
+                        report.tables_written, report.chains_written,
+                        report.ipset_members_added, report.ipset_members_removed)
+        self.last_desired = desired
+        report.in_sync = self.in_sync(desired) if verify and report.changed else True
         report.seconds = time.monotonic() - start
         return report
 
+    def _write(self, desired: Ruleset, report: ApplyReport, force: bool) -> None:
+        assert self.view is not None and self.set_view is not None
+        set_plan = plan_ipsets(desired.ipsets, self.set_view)
+        self.ipsets.restore(set_plan.before)
+        report.ipset_members_added = set_plan.added
+        report.ipset_members_removed = set_plan.removed
+        for name, want in desired.ipsets.items():
+            self.set_view[name] = KernelSet(name, want.family, want.kind, set(want.members))
+
+        for plan in self.plans(desired, self.view, force):
+            LOG.debug("commit %s v%d:\n%s", plan.table, plan.family, plan.script())
+            self.backend.commit(plan)
+            plan.apply_to(self.view[plan.family].setdefault(plan.table, KernelTable(plan.table)))
+            report.tables_written.append(f"{plan.table}/v{plan.family}")
+            report.chains_written += len(plan.rewrites)
+            report.chains_deleted += len(plan.deletes)
+            report.hook_changes += len(plan.hook_inserts) + len(plan.hook_deletes)
+            report.lines_written += len(plan.lines())
+
+        for line in set_plan.after:
+            name = line.split()[1]
+            try:
+                self.ipsets.restore([line])
+                report.ipsets_destroyed += 1
+                self.set_view.pop(name, None)
+            except KernelWriteError as exc:  # still referenced by someone else's rule
+                report.warnings.append(f"could not {line} (retried next apply): {exc}")
+
     def in_sync(self, desired: Ruleset) -> bool:
         """True when a fresh read of the kernel needs no change at all."""
-        sets = parse_ipset_save(self.ipsets.save(), self.names.owns_ipset)
+        sets = self.read_sets()
         set_plan = plan_ipsets(desired.ipsets, sets)
         return not set_plan.before and not self.plans(desired, self.read())
 

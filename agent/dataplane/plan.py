@@ -67,62 +67,89 @@ def jump_target(spec: str) -> str | None:
 
 @dataclass
 class TablePlan:
-    """What one restore transaction changes, and the script that does it."""
+    """The changes to one table, as structured operations and as a restore script.
+
+    Backends either send `script()` to iptables-restore or execute the
+    operations themselves (python-iptables); `apply_to` replays them on a
+    KernelTable so the engine can keep its view of the kernel without a re-read.
+    """
 
     family: int
     table: str
-    written_chains: list[str] = field(default_factory=list)
-    deleted_chains: list[str] = field(default_factory=list)
-    hook_changes: list[str] = field(default_factory=list)
-    lines: list[str] = field(default_factory=list)
+    rewrites: dict[str, tuple[str, ...]] = field(default_factory=dict)  # chain -> new rules
+    hook_inserts: list[tuple[str, str]] = field(default_factory=list)    # (builtin, spec), top
+    hook_deletes: list[tuple[str, str]] = field(default_factory=list)    # (builtin, spec)
+    flushes: list[str] = field(default_factory=list)                    # stale chains
+    deletes: list[str] = field(default_factory=list)                    # stale, unreferenced
 
     @property
     def empty(self) -> bool:
-        return not self.lines
+        return not (self.rewrites or self.hook_inserts or self.hook_deletes or self.flushes)
+
+    def lines(self) -> list[str]:
+        out = [f":{name} - [0:0]" for name in self.rewrites]
+        out += [f"-A {name} {spec}" for name, rules in self.rewrites.items() for spec in rules]
+        # Inserting at the top in reverse keeps several new hooks in their given order.
+        out += [f"-I {chain} 1 {spec}" for chain, spec in reversed(self.hook_inserts)]
+        out += [f"-D {chain} {spec}" for chain, spec in self.hook_deletes]
+        out += [f"-F {name}" for name in self.flushes]
+        out += [f"-X {name}" for name in self.deletes]
+        return out
 
     def script(self) -> str:
-        return "\n".join([f"*{self.table}", *self.lines, "COMMIT", ""])
+        return "\n".join([f"*{self.table}", *self.lines(), "COMMIT", ""])
+
+    def apply_to(self, kernel: KernelTable) -> None:
+        """Replay this plan on `kernel` as the kernel itself would."""
+        chains = kernel.chains
+        for name, rules in self.rewrites.items():
+            chains[name] = list(rules)
+        for chain, spec in reversed(self.hook_inserts):
+            chains.setdefault(chain, []).insert(0, spec)
+        for chain, spec in self.hook_deletes:
+            if spec in chains.get(chain, []):
+                chains[chain].remove(spec)
+        for name in self.flushes:
+            chains[name] = []
+        for name in self.deletes:
+            chains.pop(name, None)
 
 
 def plan_table(desired: Table | None, actual: KernelTable | None, family: int, table: str,
-               owns: Callable[[str], bool]) -> TablePlan:
-    """The restore script turning `actual` into `desired` for owned objects only."""
+               owns: Callable[[str], bool], force: bool = False) -> TablePlan:
+    """The changes turning `actual` into `desired`, for owned objects only.
+
+    `force` rewrites every wanted chain even where it looks right: the way out
+    when applies keep failing and the view of the kernel is suspect.
+    """
     plan = TablePlan(family, table)
     want = dict(desired.chains) if desired else {}
     have = actual.chains if actual else {}
     have_owned = {name: rules for name, rules in have.items() if owns(name)}
 
-    rewrite = [name for name, rules in want.items() if have_owned.get(name) != list(rules)]
+    plan.rewrites = {name: tuple(rules) for name, rules in want.items()
+                     if force or have_owned.get(name) != list(rules)}
     stale = sorted(name for name in have_owned if name not in want)
-    plan.written_chains = rewrite
-    declare = [f":{name} - [0:0]" for name in rewrite]
-    appends = [f"-A {name} {spec}" for name in rewrite for spec in want[name]]
 
-    hook_lines = []
     hooks = desired.hooks if desired else ()
     wanted_hooks = {(h.chain, h.spec) for h in hooks}
-    # Missing hooks go to the top; inserting in reverse keeps their given order.
-    for hook in reversed(hooks):
+    for hook in hooks:
         count = have.get(hook.chain, []).count(hook.spec)
         if count == 0:
-            hook_lines.append(f"-I {hook.chain} 1 {hook.spec}")
-        hook_lines += [f"-D {hook.chain} {hook.spec}"] * max(0, count - 1)
+            plan.hook_inserts.append((hook.chain, hook.spec))
+        plan.hook_deletes += [(hook.chain, hook.spec)] * max(0, count - 1)
     for chain, rules in have.items():
         if chain not in BUILTIN_CHAINS:
             continue
         for spec in rules:
             target = jump_target(spec)
             if target and owns(target) and (chain, spec) not in wanted_hooks:
-                hook_lines.append(f"-D {chain} {spec}")
-    plan.hook_changes = hook_lines
+                plan.hook_deletes.append((chain, spec))
 
     # A stale chain still referenced from a foreign chain cannot be deleted
     # without touching that chain; leave it (emptied) rather than fail the table.
     referenced = {jump_target(spec) for name, rules in have.items()
                   if not owns(name) and name not in BUILTIN_CHAINS for spec in rules}
-    deletable = [name for name in stale if name not in referenced]
-    plan.deleted_chains = deletable
-    removal = [f"-F {name}" for name in stale] + [f"-X {name}" for name in deletable]
-    plan.lines = declare + appends + hook_lines + removal
+    plan.flushes = [name for name in stale if have_owned[name]]
+    plan.deletes = [name for name in stale if name not in referenced]
     return plan
-

@@ -11,6 +11,7 @@ import logging
 
 from agent import protocols
 from agent.dataplane.command import KernelWriteError, run
+from agent.dataplane.plan import TablePlan
 
 LOG = logging.getLogger(__name__)
 
@@ -53,8 +54,10 @@ class RestoreBackend:
     def save(self, family: int) -> str:
         return run([BINARIES[(self.mode, family)] + "-save"])
 
-    def restore(self, family: int, script: str) -> None:
-        run([BINARIES[(self.mode, family)] + "-restore", "--noflush", "--wait", "5"], script)
+    def commit(self, plan: TablePlan) -> None:
+        """One atomic transaction for one table: the whole plan or nothing."""
+        run([BINARIES[(self.mode, plan.family)] + "-restore", "--noflush", "--wait", "5"],
+            plan.script())
 
 
 def detect_mode() -> str:
