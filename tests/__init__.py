@@ -1,0 +1,1 @@
+"""hostfw test tree (a package so ``tests.support`` imports everywhere)."""
