@@ -56,6 +56,10 @@ FIREWALL_OPTS = [
                help="Every chain the agent owns starts with '<chain_prefix>-'."),
     cfg.StrOpt("ipset_prefix", default="hfw",
                help="Every ipset the agent owns starts with this."),
+    cfg.StrOpt("accept_mark", default="0x1000000",
+               help="The packet mark bit (one bit, hex) a security group's allow sets on its "
+                    "way back to the port chain. Pick a bit no other software on the node "
+                    "uses."),
     cfg.BoolOpt("enable_ipv6", default=True,
                 help="Program ip6tables too. Turn off only on hosts without IPv6."),
 ]
@@ -113,4 +117,13 @@ def validate(conf: cfg.ConfigOpts) -> list[str]:
     if not DEVICE_PREFIX_RE.match(conf.agent.device_prefix):
         problems.append(f"[agent] device_prefix {conf.agent.device_prefix!r} must match "
                         f"{DEVICE_PREFIX_RE.pattern}")
+    try:
+        mark = int(conf.firewall.accept_mark, 0)
+        if mark <= 0 or mark >= 1 << 32 or mark & (mark - 1):
+            raise ValueError
+    except ValueError:
+        problems.append(f"[firewall] accept_mark {conf.firewall.accept_mark!r} must be a "
+                        f"single bit such as 0x1000000")
+    if "/" in conf.agent.netns or conf.agent.netns in (".", ".."):
+        problems.append(f"[agent] netns {conf.agent.netns!r} is not a namespace name")
     return problems

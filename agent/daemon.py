@@ -123,6 +123,7 @@ def settings_from_conf(conf: cfg.ConfigOpts) -> Settings:
                     conf.agent.device_prefix),
         unknown_device_policy=conf.agent.unknown_device_policy,
         enable_ipv6=conf.firewall.enable_ipv6,
+        accept_mark=int(conf.firewall.accept_mark, 0),
     )
 
 

@@ -19,6 +19,7 @@ class Settings:
     names: Names = field(default_factory=Names)
     unknown_device_policy: str = "drop"
     enable_ipv6: bool = True
+    accept_mark: int = 0x1000000   # the packet mark bit a group's allow sets
 
     @property
     def families(self) -> tuple[int, ...]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 MAX_CHAIN = 28
 MAX_IPSET = 31
+# Shared chain names a per-port chain (`i`, `o` or `s` + device suffix) could spell.
+RESERVED_PORT_NAMES = frozenset({"sg-chain", "sg-fallback", "snat"})
 
 
 def _fit(name: str, limit: int) -> str:
@@ -39,7 +41,18 @@ class Names:
         """A per-port chain: i (to the VM), o (from the VM), s (spoof), as in Neutron."""
         suffix = device[len(self.device_prefix):] if device.startswith(self.device_prefix) \
             else device
-        return _fit(f"{self.chain_prefix}-{letter}{suffix}", MAX_CHAIN)
+        name = f"{self.chain_prefix}-{letter}{suffix}"
+        if f"{letter}{suffix}" in RESERVED_PORT_NAMES:
+            return _fit(name + "-" * MAX_CHAIN, MAX_CHAIN)  # forces the hashed form
+        return _fit(name, MAX_CHAIN)
+
+    def group_chain(self, direction: str, family: int, group_id: str) -> str:
+        """The shared chain of one security group's rules for one direction and family."""
+        return _fit(f"{self.chain_prefix}-g{direction[0]}{family}-{group_id}", MAX_CHAIN)
+
+    def tree_chain(self, root: str, device_prefix: str) -> str:
+        """A dispatch tree node below `root` for the devices starting with `device_prefix`."""
+        return _fit(f"{self.chain(root)}-{device_prefix[len(self.device_prefix):]}", MAX_CHAIN)
 
     def ipset(self, family: int, kind: str, group_id: str) -> str:
         """The member set of a remote security group (kind g) or address group (kind a)."""

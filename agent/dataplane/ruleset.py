@@ -116,7 +116,7 @@ class TableBuilder:
 
     def build(self) -> Table:
         return Table(self.family, self.name,
-                     {name: tuple(dict.fromkeys(rules)) for name, rules in self.chains.items()},
+                     {name: tuple(rules) for name, rules in self.chains.items()},
                      tuple(self.hooks))
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import select
 import threading
 from collections.abc import Callable
 
@@ -45,6 +44,7 @@ class DeviceWatcher(threading.Thread):
         self.reopens = 0
 
     def stop(self) -> None:
+        """Stop after the next event; the thread is a daemon, so exit never waits for it."""
         self._stop_event.set()
 
     def run(self) -> None:
@@ -71,10 +71,9 @@ class DeviceWatcher(threading.Thread):
             ipr.bind(groups=RTMGRP_LINK)
             names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
             self.on_change(self._managed(names), True)
+            # A blocking get(): pyroute2 buffers datagrams it has read in user
+            # space, so select() on the socket can sleep while events wait.
             while not self._stop_event.is_set():
-                ready, _, _ = select.select([ipr.fileno()], [], [], 0.5)
-                if not ready:
-                    continue
                 changed = False
                 for msg in ipr.get():
                     event = msg.get("event")

@@ -1,0 +1,50 @@
+"""Anti-spoofing: which (source address, MAC) pairs a port may send from.
+
+Rules of this room: pure; one function per family builds the `s` chain.
+Neutron's order (allowed address pairs first, then the port's own addresses)
+and its IPv6 link-local rule are kept. Two deliberate differences close
+Neutron's gaps: every port gets both families' spoof chains (an IPv4-only
+port may send IPv6 only from its EUI-64 link-local address), and a family
+without pairs ends in DROP rather than letting anything through.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from agent.dataplane.ruleset import render_rule
+from agent.model import Port
+
+ANY_NET = {4: "0.0.0.0/0", 6: "::/0"}
+
+
+def spoof_rules(port: Port, family: int) -> list[str]:
+    """RETURN for allowed (source, MAC) pairs, then DROP."""
+    pairs: list[tuple[str, str]] = []
+    for pair in port.allowed_address_pairs:
+        net = ipaddress.ip_network(pair.ip_address)
+        if net.version == family:
+            pairs.append((str(net), pair.mac_address or port.mac_address))
+    pairs += [(str(ipaddress.ip_network(ip)), port.mac_address) for ip in port.ips(family)]
+    if family == 6:
+        macs = [port.mac_address] + [m for _, m in pairs if m != port.mac_address]
+        pairs += [(f"{eui64_link_local(m)}/128", m) for m in dict.fromkeys(macs)]
+    rules = []
+    if not port.fixed_ips and not port.allowed_address_pairs:
+        rules.append(render_rule("-j RETURN", matches=[f"-m mac --mac-source {port.mac_address}"],
+                                 comment="port without IPs any address from its MAC"))
+    for net, mac in dict.fromkeys(pairs):
+        rules.append(render_rule("-j RETURN", src=None if net == ANY_NET[family] else net,
+                                 matches=[f"-m mac --mac-source {mac}"],
+                                 comment="allowed IP and MAC pair"))
+    rules.append(render_rule("-j DROP", comment="spoofed source"))
+    return rules
+
+
+def eui64_link_local(mac: str) -> str:
+    """The fe80::/64 address SLAAC derives from `mac` (modified EUI-64)."""
+    octets = [int(x, 16) for x in mac.split(":")]
+    octets[0] ^= 0x02
+    eui = octets[:3] + [0xFF, 0xFE] + octets[3:]
+    iid = int.from_bytes(bytes(eui), "big")
+    return str(ipaddress.IPv6Address((0xFE80 << 112) | iid))
