@@ -9,6 +9,7 @@ daemon because oslo.messaging expects it.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 
@@ -17,6 +18,7 @@ from oslo_config import cfg
 CHAIN_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,11}$")
 IPSET_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,7}$")
 DEVICE_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,7}$")
+DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 
 DEFAULT_OPTS = [
     cfg.StrOpt("host", default=socket.gethostname(), sample_default="<hostname>",
@@ -60,6 +62,10 @@ FIREWALL_OPTS = [
                help="The packet mark bit (one bit, hex) a security group's allow sets on its "
                     "way back to the port chain. Pick a bit no other software on the node "
                     "uses."),
+    cfg.BoolOpt("conntrack_zones", default=True,
+                help="Give the VM traffic of each bridge its own conntrack zone (raw table "
+                     "CT --zone), so overlapping tenant addresses stay apart and a port's "
+                     "entries can be deleted precisely."),
     cfg.BoolOpt("enable_ipv6", default=True,
                 help="Program ip6tables too. Turn off only on hosts without IPv6."),
 ]
@@ -73,11 +79,59 @@ CONTROLLER_OPTS = [
     cfg.StrOpt("policy_file", default="/etc/hostfw/policy.yaml",
                help="hostfw-controller's source of truth (same format as the standalone "
                     "policy file)."),
+    cfg.FloatOpt("watch_interval", default=0.2, min=0.01,
+                 help="Seconds between checks of policy_file for changes (SIGHUP "
+                      "reloads at once)."),
+]
+
+RPC_OPTS = [
+    cfg.FloatOpt("call_timeout", default=10.0, min=0.1,
+                 help="Seconds to wait for each security_group_info_for_devices reply "
+                      "before the pull counts as failed and is retried."),
+    cfg.IntOpt("chunk_size", default=20, min=1,
+               help="Devices per security_group_info_for_devices call (Neutron's "
+                    "rpc_resources_processing_step)."),
+    cfg.FloatOpt("batch_window", default=0.1, min=0.0,
+                 help="Seconds to gather notifications before pulling, so that a burst "
+                      "of them costs one pull."),
+    cfg.FloatOpt("retry_max_interval", default=10.0, min=0.1,
+                 help="Longest wait between pull attempts while the broker or the "
+                      "controller is unreachable (exponential backoff with jitter)."),
 ]
 
 METRICS_OPTS = [
     cfg.StrOpt("listen", default="",
                help="HOST:PORT for Prometheus /metrics, /healthz and /readyz. Empty: off."),
+]
+
+NAT_OPTS = [
+    cfg.StrOpt("fixed_range", default="",
+               help="The VMs' IPv4 network (CIDR), e.g. 10.0.0.0/24. Setting it turns on "
+                    "nova-network style NAT on this node: floating IPs of local ports, host "
+                    "SNAT, the metadata redirect and the DHCP/DNS accepts. Empty: no NAT "
+                    "chains at all, and ports' floating_ips are ignored. IPv4 only."),
+    cfg.StrOpt("routing_source_ip", default="",
+               help="Address the fixed range is SNATed to when leaving the node (the host "
+                    "SNAT). Empty: no host SNAT, VMs without a floating IP keep their fixed "
+                    "source."),
+    cfg.StrOpt("public_interface", default="",
+               help="The node's public interface: the host SNAT and a floating IP's SNAT "
+                    "apply to traffic leaving through it. Empty: to traffic leaving "
+                    "through any interface (after the exemptions)."),
+    cfg.ListOpt("dmz_cidr", default=[],
+                help="IPv4 networks the VMs reach without SNAT, so they see the fixed "
+                     "IPs."),
+    cfg.StrOpt("metadata_host", default="127.0.0.1",
+               help="IPv4 address of the metadata service. 169.254.169.254:80 from the "
+                    "fixed range is DNATed there, or REDIRECTed to metadata_port when this is "
+                    "a loopback address (the service must then listen on the bridge address "
+                    "or 0.0.0.0)."),
+    cfg.PortOpt("metadata_port", default=8775,
+                help="TCP port of the metadata service; INPUT accepts it from the fixed "
+                     "range."),
+    cfg.ListOpt("dhcp_bridges", default=[],
+                help="Bridges on which this node serves DHCP and DNS to the VMs: INPUT "
+                     "accepts udp and tcp ports 67 and 53 arriving on them."),
 ]
 
 GROUPS: dict[str | None, list[cfg.Opt]] = {
@@ -86,7 +140,9 @@ GROUPS: dict[str | None, list[cfg.Opt]] = {
     "firewall": FIREWALL_OPTS,
     "admin": ADMIN_OPTS,
     "controller": CONTROLLER_OPTS,
+    "rpc": RPC_OPTS,
     "metrics": METRICS_OPTS,
+    "nat": NAT_OPTS,
 }
 
 
@@ -126,4 +182,42 @@ def validate(conf: cfg.ConfigOpts) -> list[str]:
                         f"single bit such as 0x1000000")
     if "/" in conf.agent.netns or conf.agent.netns in (".", ".."):
         problems.append(f"[agent] netns {conf.agent.netns!r} is not a namespace name")
+    return problems + _nat_problems(conf.nat)
+
+
+def _nat_problems(nat: cfg.ConfigOpts.GroupAttr) -> list[str]:
+    """[nat] values reach iptables text verbatim: only addresses and device names pass."""
+    problems = []
+    for name, values, kind in (
+            ("fixed_range", [nat.fixed_range] if nat.fixed_range else [], "network"),
+            ("dmz_cidr", nat.dmz_cidr, "network"),
+            ("routing_source_ip", [nat.routing_source_ip] if nat.routing_source_ip else [],
+             "address"),
+            ("metadata_host", [nat.metadata_host], "address"),
+            ("public_interface", [nat.public_interface] if nat.public_interface else [],
+             "device"),
+            ("dhcp_bridges", nat.dhcp_bridges, "device")):
+        for value in values:
+            if not _valid(value, kind):
+                problems.append(f"[nat] {name} {value!r} is not {NAT_VALUE_KINDS[kind]}")
+    if nat.fixed_range and _valid(nat.fixed_range, "network") and \
+            ipaddress.IPv4Network(nat.fixed_range, strict=False).prefixlen == 0:
+        problems.append("[nat] fixed_range must not be 0.0.0.0/0")
     return problems
+
+
+NAT_VALUE_KINDS = {"network": "an IPv4 network", "address": "an IPv4 address",
+                   "device": "a device name"}
+
+
+def _valid(value: str, kind: str) -> bool:
+    if kind == "device":
+        return bool(DEVICE_NAME_RE.match(value))
+    try:
+        if kind == "network":
+            ipaddress.IPv4Network(value, strict=False)
+        else:
+            ipaddress.IPv4Address(value)
+    except ValueError:
+        return False
+    return True

@@ -35,10 +35,12 @@ from oslo_config import cfg
 
 from agent import config, netns
 from agent.admin.server import AdminServer
-from agent.compiler import Compiled, Settings, Snapshot, compile_ruleset
+from agent.compiler import Compiled, Settings, Snapshot, compile_ruleset, zones
+from agent.compiler.flows import flows_to_cut
 from agent.compiler.names import Names
 from agent.dataplane.command import KernelWriteError
 from agent.dataplane.engine import ApplyReport, Engine
+from agent.dataplane.flowcut import cut_flows
 from agent.dataplane.restore_backend import RestoreBackend, detect_mode
 from agent.model import Policy
 from agent.sources.base import PolicySource
@@ -124,6 +126,7 @@ def settings_from_conf(conf: cfg.ConfigOpts) -> Settings:
         unknown_device_policy=conf.agent.unknown_device_policy,
         enable_ipv6=conf.firewall.enable_ipv6,
         accept_mark=int(conf.firewall.accept_mark, 0),
+        conntrack_zones=conf.firewall.conntrack_zones,
     )
 
 
@@ -150,10 +153,13 @@ class Agent:
                                      self._on_devices, self._on_fatal)
         self.writer = threading.Thread(target=self._writer_main, name="writer", daemon=True)
         self._devices_seen = threading.Event()
+        self.bridges: dict[str, str] = {}       # managed device -> its bridge
+        self.zones: dict[str, int] = {}         # bridge -> conntrack zone
+        self.last_snapshot: Snapshot | None = None
 
     # ------------------------------------------------------------ shells enqueue
 
-    def _on_devices(self, devices: frozenset[str], full: bool) -> None:
+    def _on_devices(self, devices: dict[str, str], full: bool) -> None:
         self.queue.put(Event("devices", (devices, full)))
         self._devices_seen.set()
 
@@ -196,7 +202,11 @@ class Agent:
         except (OSError, ValueError, KernelWriteError) as exc:
             self._on_fatal(f"cannot start the writer: {exc}")
             return
-        self._loop(self.engine)
+        try:
+            self._loop(self.engine)
+        except Exception:  # a bug: exit non-zero (systemd restarts us) rather than hang
+            LOG.exception("the writer thread failed")
+            self._on_fatal("the writer thread failed; see the log")
 
     def _make_engine(self) -> Engine:
         mode = self.conf.firewall.backend
@@ -207,7 +217,12 @@ class Agent:
             mode = detect_mode()
         self.state.backend = mode
         LOG.info("writer in netns %r using %s", self.conf.agent.netns or "(own)", mode)
-        return Engine(RestoreBackend(mode), self.settings.names, self.settings.families)
+        engine = Engine(RestoreBackend(mode), self.settings.names, self.settings.families)
+        raw = engine.read()[4].get("raw")
+        if raw:  # adopt the zones of a previous run, so conntrack entries stay valid
+            self.zones = zones.zones_from_rules(raw.chains.get(self.settings.names.chain(
+                "PREROUTING"), []))
+        return engine
 
     def _loop(self, engine: Engine) -> None:
         timers = Timers(self.conf.agent.resync_interval)
@@ -221,9 +236,10 @@ class Agent:
                 if event.kind == "call":
                     self._run_call(engine, event)
                 elif event.kind == "devices":
-                    devices, full = event.payload
-                    self.state.devices = devices
-                    self.source.set_devices(devices)
+                    bridges, full = event.payload
+                    self.bridges = bridges
+                    self.state.devices = frozenset(bridges)
+                    self.source.set_devices(self.state.devices)
                     dirty = True
                     refresh |= full
                 elif event.kind == "policy":
@@ -289,7 +305,8 @@ class Agent:
                 LOG.info("no policy yet; keeping the rules found in the kernel")
                 return True, False
             policy = Policy()
-        compiled = compile_ruleset(Snapshot(policy, self.state.devices, self.settings))
+        snapshot = self._snapshot(policy)
+        compiled = compile_ruleset(snapshot)
         try:
             report = self._apply_with_retries(engine, compiled, refresh, force, verify)
         except KernelWriteError as exc:
@@ -297,6 +314,10 @@ class Agent:
             self.state.record_failure(compiled, f"apply failed: {exc}")
             return False, False
         self.state.record_apply(compiled, report)
+        cut_errors = cut_flows(flows_to_cut(self.last_snapshot, snapshot))
+        self.last_snapshot = snapshot
+        for error in cut_errors:
+            LOG.warning("%s", error)
         for warning in report.warnings:
             LOG.warning("%s", warning)
         if report.changed:
@@ -305,6 +326,13 @@ class Agent:
                      report.chains_written, report.lines_written, report.ipset_members_added,
                      report.ipset_members_removed, report.seconds, report.in_sync)
         return True, report.changed
+
+    def _snapshot(self, policy: Policy) -> Snapshot:
+        """The compiler's input; zones are allocated here so they stay stable."""
+        used = {b for dev, b in self.bridges.items() if b}
+        self.zones = zones.allocate(used, self.zones)
+        return Snapshot(policy, self.state.devices, self.settings, dict(self.bridges),
+                        dict(self.zones))
 
     @staticmethod
     def _apply_with_retries(engine: Engine, compiled: Compiled, refresh: bool, force: bool,

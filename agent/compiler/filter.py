@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from agent.compiler.dispatch import build_tree
 from agent.compiler.inputs import Snapshot
 from agent.compiler.names import Names
+from agent.compiler.raw import mixed_statefulness
 from agent.compiler.rules import render_sg_rule
 from agent.compiler.spoof import spoof_rules
 from agent.dataplane.ruleset import IpSet, Ruleset, Table, TableBuilder, render_rule
@@ -56,12 +57,17 @@ class FilterResult:
     errors: tuple[str, ...] = ()
 
 
+def local_ports(snapshot: Snapshot) -> list[Port]:
+    """The ports whose device is on this node, in device order (stable output)."""
+    return sorted((p for p in snapshot.policy.ports if p.device in snapshot.devices),
+                  key=lambda p: p.device)
+
+
 def compile_filter(snapshot: Snapshot) -> FilterResult:
     """Compile the filter table (v4, v6) and the ipsets its rules reference."""
     settings = snapshot.settings
     names = settings.names
-    local = sorted((p for p in snapshot.policy.ports if p.device in snapshot.devices),
-                   key=lambda p: p.device)
+    local = local_ports(snapshot)
     errors = [f"port {p.id!r}: security group {g!r} is unknown; it allows nothing"
               for p in local for g in p.security_groups if g not in snapshot.policy.groups]
     ipsets: dict[str, IpSet] = {}
@@ -165,6 +171,8 @@ def _port_chains(port: Port, family: int, snap: Snapshot,
                  ipsets: dict[str, IpSet]) -> dict[str, list[str]]:
     if not port.port_security_enabled:
         return {}
+    if mixed_statefulness(port, snap):
+        raise ValueError("it mixes stateful and stateless security groups")
     names = snap.settings.names
     mark = snap.settings.accept_mark
     groups = [g for g in port.security_groups if g in snap.policy.groups]

@@ -6,10 +6,28 @@ more), immutable, and free of handles, so a compile is a pure function of it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from agent.compiler.names import Names
 from agent.model import Policy
+
+
+@dataclass(frozen=True)
+class NatSettings:
+    """nova-network style NAT of this node (IPv4 only), copied out of `[nat]`.
+
+    Present only when NAT is on (`[nat] fixed_range` set); agent/compiler/nat.py
+    says what each field becomes. Values are validated by agent/config.py.
+    """
+
+    fixed_range: str                      # the VMs' IPv4 network, e.g. 10.0.0.0/24
+    routing_source_ip: str = ""           # host SNAT address; empty: no host SNAT
+    public_interface: str = ""            # where SNATed traffic leaves; empty: anywhere
+    dmz_cidr: tuple[str, ...] = ()        # destinations that see fixed IPs (no SNAT)
+    metadata_host: str = "127.0.0.1"
+    metadata_port: int = 8775
+    dhcp_bridges: tuple[str, ...] = ()    # bridges whose DHCP/DNS the node serves
 
 
 @dataclass(frozen=True)
@@ -20,6 +38,8 @@ class Settings:
     unknown_device_policy: str = "drop"
     enable_ipv6: bool = True
     accept_mark: int = 0x1000000   # the packet mark bit a group's allow sets
+    conntrack_zones: bool = True   # one conntrack zone per bridge (raw table CT --zone)
+    nat: NatSettings | None = None  # None: no NAT chains at all
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -28,8 +48,15 @@ class Settings:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The policy plus the managed devices present on this node right now."""
+    """The policy plus the managed devices present on this node right now.
+
+    `bridges` maps a device to the bridge it is plugged into (from netlink);
+    `zones` maps a bridge to its conntrack zone, allocated by the daemon with
+    agent/compiler/zones.py so that numbers survive restarts.
+    """
 
     policy: Policy
     devices: frozenset[str]
     settings: Settings = field(default_factory=Settings)
+    bridges: Mapping[str, str] = field(default_factory=dict)
+    zones: Mapping[str, int] = field(default_factory=dict)

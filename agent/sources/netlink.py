@@ -5,8 +5,9 @@ Rules of this room:
 1. Subscribe first, then dump, then read events on the same socket: a device
    created between the dump and the first read is still seen (the dump and
    the broadcasts queue separately), so nothing is missed.
-2. The thread only observes: it keeps the index -> name map and reports the
-   full set of managed device names after every datagram. The daemon coalesces
+2. The thread only observes: it keeps the index -> (name, master) map and
+   reports every managed device with the bridge it is plugged into, after
+   every datagram that changed something. The daemon coalesces
    those reports, so a burst of 500 taps costs one apply, not 500.
 3. ENOBUFS means the kernel dropped events and the socket is dead for good:
    close it, open a new one, dump again and report with `full=True` so the
@@ -19,21 +20,23 @@ import errno
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 
 from agent import netns
+from agent.model import DEVICE_RE
 
 LOG = logging.getLogger(__name__)
 RCVBUF = 8 << 20
 
 
 class DeviceWatcher(threading.Thread):
-    """Reports `on_change(devices, full)` with every device whose name has `prefix`."""
+    """Reports `on_change(devices, full)`: managed device -> its bridge ("" if none)."""
 
     def __init__(self, namespace: str, prefix: str,
-                 on_change: Callable[[frozenset[str], bool], None],
+                 on_change: Callable[[dict[str, str], bool], None],
                  on_error: Callable[[str], None]) -> None:
         super().__init__(name="netlink", daemon=True)
         self.namespace = namespace
@@ -69,8 +72,8 @@ class DeviceWatcher(threading.Thread):
         ipr = IPRoute(rcvbuf=RCVBUF)
         try:
             ipr.bind(groups=RTMGRP_LINK)
-            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-            self.on_change(self._managed(names), True)
+            links = {link["index"]: _entry(link) for link in ipr.get_links()}
+            self.on_change(self._managed(links), True)
             # A blocking get(): pyroute2 buffers datagrams it has read in user
             # space, so select() on the socket can sleep while events wait.
             while not self._stop_event.is_set():
@@ -78,15 +81,25 @@ class DeviceWatcher(threading.Thread):
                 for msg in ipr.get():
                     event = msg.get("event")
                     if event == "RTM_NEWLINK":
-                        name = msg.get_attr("IFLA_IFNAME")
-                        changed |= names.get(msg["index"]) != name
-                        names[msg["index"]] = name
+                        entry = _entry(msg)
+                        changed |= links.get(msg["index"]) != entry
+                        links[msg["index"]] = entry
                     elif event == "RTM_DELLINK":
-                        changed |= names.pop(msg["index"], None) is not None
+                        changed |= links.pop(msg["index"], None) is not None
                 if changed:
-                    self.on_change(self._managed(names), False)
+                    self.on_change(self._managed(links), False)
         finally:
             ipr.close()
 
-    def _managed(self, names: dict[int, str | None]) -> frozenset[str]:
-        return frozenset(n for n in names.values() if n and n.startswith(self.prefix))
+    def _managed(self, links: dict[int, tuple[str, int]]) -> dict[str, str]:
+        out = {}
+        for name, master in links.values():
+            if name and name.startswith(self.prefix):
+                bridge = links.get(master, ("", 0))[0] if master else ""
+                out[name] = bridge if bridge and DEVICE_RE.match(bridge) else ""
+        return out
+
+
+def _entry(msg: Any) -> tuple[str, int]:
+    """(name, master ifindex) of a link message; 0 when it has no master."""
+    return msg.get_attr("IFLA_IFNAME") or "", msg.get_attr("IFLA_MASTER") or 0

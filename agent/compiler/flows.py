@@ -1,0 +1,134 @@
+"""Which conntrack entries to delete when a permission goes away.
+
+Rules of this room: pure; old snapshot + new snapshot in, a list of `FlowCut`
+out; the dataplane runs `conntrack -D` for each, after the apply that removed
+the permission (so no new entry can be made under the old rules meanwhile).
+
+Without this, an established connection outlives the rule that allowed it:
+RELATED,ESTABLISHED comes first in every port chain. The cuts follow
+Neutron's triggers, at its (coarse) granularity where finer is not possible:
+- a port goes, or leaves a group, or loses an address: all its flows (of the
+  lost address);
+- a rule of one of its groups goes: its flows of that protocol and direction;
+- a member of a remote group it references goes: its flows with that member.
+The next packet of a cut flow is judged against the current rules; a flow
+that is still allowed is picked up again as new.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from agent.compiler.inputs import Snapshot
+from agent.model import Port, Rule
+
+
+@dataclass(frozen=True)
+class FlowCut:
+    """`conntrack -D -f <family> [-p proto] [-s src] [-d dst] [-w zone]`."""
+
+    family: int
+    proto: int | None = None
+    src: str | None = None
+    dst: str | None = None
+    zone: int | None = None
+    reason: str = ""
+
+
+def flows_to_cut(old: Snapshot | None, new: Snapshot) -> list[FlowCut]:
+    if old is None:
+        return []
+    new_ports = {p.id: p for p in new.policy.ports if p.device in new.devices}
+    cuts: set[FlowCut] = set()
+    for port in (p for p in old.policy.ports if p.device in old.devices):
+        zone = _zone(old, port)
+        after = new_ports.get(port.id)
+        if after is None or after.device != port.device:
+            cuts |= _all_flows(port, _addresses(port), zone, f"port {port.id} removed")
+            continue
+        lost = _addresses(port) - _addresses(after)
+        cuts |= _all_flows(port, lost, zone, f"port {port.id} lost addresses")
+        if not port.port_security_enabled:
+            if after.port_security_enabled:
+                cuts |= _all_flows(after, _addresses(after), zone,
+                                   f"port {port.id} got port security")
+            continue
+        if set(port.security_groups) - set(after.security_groups):
+            cuts |= _all_flows(port, _addresses(port), zone, f"port {port.id} left a group")
+            continue
+        old_rules, new_rules = _rules(port, old), _rules(after, new)
+        for rule in old_rules - new_rules:
+            cuts |= _rule_flows(port, rule, zone, f"a rule of port {port.id} was removed")
+        for rule in old_rules & new_rules:
+            cuts |= _member_flows(port, rule, old, new, zone)
+    return sorted(cuts, key=repr)
+
+
+def _zone(snap: Snapshot, port: Port) -> int | None:
+    if not snap.settings.conntrack_zones:
+        return None
+    return snap.zones.get(snap.bridges.get(port.device, ""))
+
+
+def _addresses(port: Port) -> set[str]:
+    """Host addresses of the port (fixed IPs and host-sized address pairs)."""
+    out = set(port.fixed_ips)
+    for pair in port.allowed_address_pairs:
+        net = ipaddress.ip_network(pair.ip_address)
+        if net.num_addresses == 1:
+            out.add(str(net.network_address))
+    return out
+
+
+def _rules(port: Port, snap: Snapshot) -> set[Rule]:
+    return {r for g in port.security_groups for r in snap.policy.groups.get(g, ())}
+
+
+def _all_flows(port: Port, addresses: set[str], zone: int | None, why: str) -> set[FlowCut]:
+    out = set()
+    for ip in addresses:
+        family = ipaddress.ip_address(ip).version
+        out.add(FlowCut(family, src=ip, zone=zone, reason=why))
+        out.add(FlowCut(family, dst=ip, zone=zone, reason=why))
+    return out
+
+
+def _rule_flows(port: Port, rule: Rule, zone: int | None, why: str) -> set[FlowCut]:
+    out = set()
+    for ip in _addresses(port):
+        if ipaddress.ip_address(ip).version != rule.family:
+            continue
+        if rule.direction == "ingress":
+            out.add(FlowCut(rule.family, rule.protocol, dst=ip, zone=zone, reason=why))
+        else:
+            out.add(FlowCut(rule.family, rule.protocol, src=ip, zone=zone, reason=why))
+    return out
+
+
+def _member_flows(port: Port, rule: Rule, old: Snapshot, new: Snapshot,
+                  zone: int | None) -> set[FlowCut]:
+    group = rule.remote_group_id
+    if group:
+        gone = set(old.policy.members.get(group, {}).get(rule.family, ())) - \
+            set(new.policy.members.get(group, {}).get(rule.family, ()))
+    elif rule.remote_address_group_id:
+        ag = rule.remote_address_group_id
+        gone = set(old.policy.address_groups.get(ag, ())) - \
+            set(new.policy.address_groups.get(ag, ()))
+    else:
+        return set()
+    out = set()
+    why = f"a member of {group or rule.remote_address_group_id} was removed"
+    for net in gone:
+        member = ipaddress.ip_network(net)
+        if member.num_addresses != 1 or member.version != rule.family:
+            continue  # conntrack -D takes addresses, not networks
+        remote = str(member.network_address)
+        for ip in _addresses(port):
+            if ipaddress.ip_address(ip).version != rule.family:
+                continue
+            src, dst = (remote, ip) if rule.direction == "ingress" else (ip, remote)
+            out.add(FlowCut(rule.family, rule.protocol, src=src, dst=dst, zone=zone,
+                            reason=why))
+    return out

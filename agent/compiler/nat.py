@@ -1,0 +1,259 @@
+"""nova-network NAT: floating IPs, host SNAT, metadata, DHCP and DNS on the bridge.
+
+Rules of this room:
+
+1. Pure, like the rest of the compiler: a `Snapshot` in, a `NatResult` out.
+   The one side effect NAT needs, forgetting the conntrack entries of a
+   floating IP that went away, belongs to the writer thread
+   (agent/dataplane/conntrack.py), driven by `NatResult.floating_ips` of two
+   successive compiles: this module only says which addresses are mapped.
+2. IPv4 only, as nova-network was: nothing here writes ip6tables.
+3. Off unless configured: with `Settings.nat` unset (no `[nat] fixed_range`)
+   the result is empty, no nat chain exists, and `floating_ips` on ports are
+   ignored. Every exemption and the metadata rules are scoped by the fixed
+   range, so NAT without one would be ill-defined.
+4. nova's layout (research/nova_network.md 1.3 and 2), under our prefix, so
+   an operator who knows nova-network reads the tables at once:
+
+   nat    PREROUTING  -> <p>-PREROUTING   metadata DNAT/REDIRECT, floating DNAT
+          OUTPUT      -> <p>-OUTPUT       floating DNAT (the node itself)
+          POSTROUTING -> <p>-POSTROUTING  no-SNAT exemptions, then SNAT of DNATed
+                                          flows to their floating IP
+                      -> <p>-postrouting-bottom -> <p>-snat -> <p>-float-snat
+                                                   then the host SNAT
+   filter FORWARD, OUTPUT -> <p>-filter-top -> <p>-local   routed traffic to a VM
+          FORWARD -> <p>-network-FORWARD   routed traffic from a VM
+          INPUT   -> <p>-network-INPUT     metadata, DHCP, DNS -> <p>-network-accept
+
+5. NAT must not open a way around security groups. Bridged traffic is
+   checked by the filter compiler through physdev, but a packet the node
+   *routes* to or from a VM (a floating IP's flows, host SNAT, the node
+   itself talking to a VM) is not "bridged" and would pass unchecked. So
+   routed traffic goes through the same port chains: to a VM by its fixed
+   IPv4 address in `<p>-local`, from a VM through the `<p>-from` dispatch
+   tree in `<p>-network-FORWARD`. The latter cannot live in `<p>-local`:
+   that chain is reachable from OUTPUT, where the kernel refuses the
+   anti-spoofing chains' `-m mac`.
+6. The services in `<p>-network-INPUT` accept only after the sender passed
+   its own checks (`<p>-network-accept` jumps to `<p>-INPUT` first), so the
+   result does not depend on where the planner put our INPUT hook relative
+   to the filter compiler's (it inserts missing hooks at the top). Likewise
+   the routed checks only drop or fall through, so their order against
+   `<p>-FORWARD` does not matter either.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from agent.compiler.inputs import NatSettings, Snapshot
+from agent.compiler.names import Names
+from agent.dataplane.ruleset import Ruleset, Table, TableBuilder, render_rule
+from agent.model import Port
+
+METADATA_IP = "169.254.169.254/32"
+METADATA_PORT = 80
+# What the node serves on a VM bridge (nova's dnsmasq accept rules).
+BRIDGE_SERVICES = (("udp", 67, "DHCP"), ("tcp", 67, "DHCP"),
+                   ("udp", 53, "DNS"), ("tcp", 53, "DNS"))
+
+
+@dataclass(frozen=True)
+class NatResult:
+    ruleset: Ruleset
+    floating_ips: Mapping[str, str] = field(default_factory=dict)  # floating -> fixed IPv4
+    errors: tuple[str, ...] = ()
+
+
+def compile_nat(snapshot: Snapshot) -> NatResult:
+    """The nat table and the extra filter chains of this node; empty when NAT is off."""
+    nat = snapshot.settings.nat
+    if nat is None:
+        return NatResult(Ruleset())
+    names = snapshot.settings.names
+    local = sorted((p for p in snapshot.policy.ports if p.device in snapshot.devices),
+                   key=lambda p: p.device)
+    floating, errors = floating_targets(local)
+    tables = {(4, "nat"): _nat_table(nat, names, floating),
+              (4, "filter"): _filter_table(nat, names, local)}
+    return NatResult(Ruleset(tables), floating, tuple(errors))
+
+
+def floating_targets(ports: Sequence[Port]) -> tuple[dict[str, str], list[str]]:
+    """Map each floating IP of `ports` to its port's first IPv4 fixed IP.
+
+    A floating IP is one address on one node: the first port (in the given
+    order) that claims it keeps it, and every other claim is an error, so a
+    duplicate can never produce two competing DNAT rules.
+    """
+    targets: dict[str, str] = {}
+    owners: dict[str, str] = {}
+    errors: list[str] = []
+    for port in ports:
+        fixed = port.ips(4)
+        if port.floating_ips and not fixed:
+            errors.append(f"port {port.id!r}: floating IPs need an IPv4 fixed IP; ignored")
+            continue
+        for ip in port.floating_ips:
+            if ipaddress.ip_address(ip).version != 4:
+                errors.append(f"port {port.id!r}: floating IP {ip} is not IPv4 "
+                              f"(NAT is IPv4 only); ignored")
+            elif ip not in targets:
+                targets[ip] = fixed[0]
+                owners[ip] = port.id
+            elif owners[ip] != port.id:
+                errors.append(f"port {port.id!r}: floating IP {ip} already belongs to port "
+                              f"{owners[ip]!r}; ignored")
+    return targets, errors
+
+
+# ---------------------------------------------------------------- nat table
+
+def _nat_table(nat: NatSettings, names: Names, floating: Mapping[str, str]) -> Table:
+    b = TableBuilder(4, "nat")
+    pre, out, post = (names.chain(c) for c in ("PREROUTING", "OUTPUT", "POSTROUTING"))
+    bottom, snat, float_snat = (names.chain(c) for c in
+                                ("postrouting-bottom", "snat", "float-snat"))
+    # Given order = kernel order on a first apply: <p>-POSTROUTING before the bottom.
+    for builtin, chain in (("PREROUTING", pre), ("OUTPUT", out), ("POSTROUTING", post),
+                           ("POSTROUTING", bottom)):
+        b.chain(chain)
+        b.hook(builtin, chain)
+    fixed_range = _net(nat.fixed_range)
+
+    b.chain(pre).append(_metadata_forward(nat, fixed_range))
+    # Exemptions first: a DNATed metadata request must keep its fixed source
+    # even when the VM has a floating IP (the metadata service identifies the
+    # instance by it).
+    b.chain(post).extend(_snat_exemptions(nat, fixed_range))
+    b.chain(bottom).append(render_rule(f"-j {snat}", comment="SNAT after every exemption"))
+    b.chain(snat).append(render_rule(f"-j {float_snat}", comment="floating IPs first"))
+    if nat.routing_source_ip:
+        b.chain(snat).append(render_rule(f"-j SNAT --to-source {nat.routing_source_ip}",
+                                         src=fixed_range, out_iface=nat.public_interface or None,
+                                         comment="host SNAT of the fixed range"))
+    b.chain(float_snat)
+    for ip, fixed in floating.items():
+        fixed_host, to_float = f"{fixed}/32", f"-j SNAT --to-source {ip}"
+        dnat = render_rule(f"-j DNAT --to-destination {fixed}", dst=f"{ip}/32",
+                           comment=f"floating IP {ip}")
+        b.chain(pre).append(dnat)
+        b.chain(out).append(dnat)
+        # Replies to a VM's own floating IP and floating-to-floating flows show
+        # the client's floating address, not its fixed one.
+        b.chain(post).append(render_rule(to_float, src=fixed_host,
+                                         matches=["-m conntrack --ctstate DNAT"],
+                                         comment=f"floating IP {ip} DNATed flows"))
+        if nat.public_interface:
+            b.chain(float_snat).extend([
+                render_rule(to_float, src=fixed_host, dst=fixed_host,
+                            comment=f"floating IP {ip} hairpin"),
+                render_rule(to_float, src=fixed_host, out_iface=nat.public_interface,
+                            comment=f"floating IP {ip} outbound"),
+            ])
+        else:
+            b.chain(float_snat).append(render_rule(to_float, src=fixed_host,
+                                                   comment=f"floating IP {ip} outbound"))
+    return b.build()
+
+
+def _metadata_forward(nat: NatSettings, fixed_range: str) -> str:
+    """169.254.169.254:80 to the metadata service.
+
+    DNAT to a loopback address would be dropped as martian, so a loopback
+    metadata host gets REDIRECT instead, which delivers to the address of the
+    incoming interface: the service must listen there (or on 0.0.0.0).
+    """
+    if ipaddress.ip_address(nat.metadata_host).is_loopback:
+        target = f"-j REDIRECT --to-ports {nat.metadata_port}"
+    else:
+        target = f"-j DNAT --to-destination {nat.metadata_host}:{nat.metadata_port}"
+    return render_rule(target, src=fixed_range, dst=METADATA_IP, proto="tcp",
+                       matches=[f"-m tcp --dport {METADATA_PORT}"], comment="metadata")
+
+
+def _snat_exemptions(nat: NatSettings, fixed_range: str) -> list[str]:
+    """Traffic that keeps its fixed source; ACCEPT in nat ends the SNAT walk."""
+    rules = []
+    if not ipaddress.ip_address(nat.metadata_host).is_loopback:  # local: never POSTROUTING
+        rules.append(render_rule("-j ACCEPT", src=fixed_range, dst=f"{nat.metadata_host}/32",
+                                 comment="metadata sees the fixed IP"))
+    for cidr in dict.fromkeys(_net(c) for c in nat.dmz_cidr):
+        rules.append(render_rule("-j ACCEPT", src=fixed_range, dst=_dst(cidr),
+                                 comment="the DMZ sees the fixed IP"))
+    rules.append(render_rule("-j ACCEPT", src=fixed_range, dst=fixed_range,
+                             matches=["-m conntrack ! --ctstate DNAT"],
+                             comment="no SNAT inside the fixed range"))
+    return rules
+
+
+# ---------------------------------------------------------------- filter chains
+
+def _filter_table(nat: NatSettings, names: Names, local: Sequence[Port]) -> Table:
+    b = TableBuilder(4, "filter")
+    top, local_chain = names.chain("filter-top"), names.chain("local")
+    b.chain(top).append(render_rule(f"-j {local_chain}", comment="rules of this node"))
+    for builtin in ("FORWARD", "OUTPUT"):
+        b.hook(builtin, top)
+    b.chain(local_chain).extend(_routed_to_vms(names, local))
+    from_vms = names.chain("network-FORWARD")
+    b.hook("FORWARD", from_vms)
+    b.chain(from_vms).append(render_rule(
+        f"-j {names.chain('from')}",
+        matches=[f"-m physdev --physdev-in {names.device_wildcard} ! --physdev-is-bridged"],
+        comment="routed from a VM its egress rules"))
+
+    services, accept = names.chain("network-INPUT"), names.chain("network-accept")
+    b.hook("INPUT", services)
+    b.chain(accept).extend([
+        render_rule(f"-j {names.chain('INPUT')}", comment="the checks of the sender first"),
+        render_rule("-j ACCEPT", comment="a service of this node"),
+    ])
+    fixed_range = _net(nat.fixed_range)
+    if ipaddress.ip_address(nat.metadata_host).is_loopback:
+        metadata = render_rule(f"-j {accept}", src=fixed_range, proto="tcp",
+                               matches=[f"-m tcp --dport {nat.metadata_port}",
+                                        "-m addrtype --dst-type LOCAL"],
+                               comment="metadata from the fixed range")
+    else:
+        metadata = render_rule(f"-j {accept}", src=fixed_range,
+                               dst=f"{nat.metadata_host}/32", proto="tcp",
+                               matches=[f"-m tcp --dport {nat.metadata_port}"],
+                               comment="metadata from the fixed range")
+    b.chain(services).append(metadata)
+    for bridge in dict.fromkeys(nat.dhcp_bridges):
+        b.chain(services).extend(
+            render_rule(f"-j {accept}", in_iface=bridge, proto=proto,
+                        matches=[f"-m {proto} --dport {port}"], comment=f"{what} on {bridge}")
+            for proto, port, what in BRIDGE_SERVICES)
+    return b.build()
+
+
+def _routed_to_vms(names: Names, local: Sequence[Port]) -> list[str]:
+    """Send routed traffic to a VM through the port chain bridged traffic gets.
+
+    `--physdev-out` is unknown for a routed packet, so the VM is found by its
+    fixed IPv4 address (a linear list, crossed only by routed traffic and the
+    node's own: bridged packets leave at the first rule). Ports without port
+    security have no chains and stay open, as they are when bridged.
+    """
+    rules = [render_rule("-j RETURN", matches=["-m physdev --physdev-is-bridged"],
+                         comment=f"bridged traffic is checked in {names.chain('FORWARD')}")]
+    for port in local:
+        if port.port_security_enabled:
+            rules += [render_rule(f"-j {names.port_chain('i', port.device)}", dst=f"{ip}/32",
+                                  comment=f"routed to port {port.id}")
+                      for ip in port.ips(4)]
+    return rules
+
+
+def _net(cidr: str) -> str:
+    """The canonical network iptables-save prints (host bits cleared, /32 on hosts)."""
+    return str(ipaddress.IPv4Network(cidr, strict=False))
+
+
+def _dst(cidr: str) -> str | None:
+    """iptables-save omits a match on 0.0.0.0/0, so the rule must omit it too."""
+    return None if cidr.endswith("/0") else cidr
