@@ -109,7 +109,8 @@ NAT_OPTS = [
                help="The VMs' IPv4 network (CIDR), e.g. 10.0.0.0/24. Setting it turns on "
                     "nova-network style NAT on this node: floating IPs of local ports, host "
                     "SNAT, the metadata redirect and the DHCP/DNS accepts. Empty: no NAT "
-                    "chains at all, and ports' floating_ips are ignored. IPv4 only."),
+                    "chains at all, and ports' floating_ips are ignored. IPv4 only. Needs "
+                    "[firewall] conntrack_zones = false."),
     cfg.StrOpt("routing_source_ip", default="",
                help="Address the fixed range is SNATed to when leaving the node (the host "
                     "SNAT). Empty: no host SNAT, VMs without a floating IP keep their fixed "
@@ -126,7 +127,7 @@ NAT_OPTS = [
                     "fixed range is DNATed there, or REDIRECTed to metadata_port when this is "
                     "a loopback address (the service must then listen on the bridge address "
                     "or 0.0.0.0)."),
-    cfg.PortOpt("metadata_port", default=8775,
+    cfg.PortOpt("metadata_port", default=8775, min=1,
                 help="TCP port of the metadata service; INPUT accepts it from the fixed "
                      "range."),
     cfg.ListOpt("dhcp_bridges", default=[],
@@ -182,11 +183,12 @@ def validate(conf: cfg.ConfigOpts) -> list[str]:
                         f"single bit such as 0x1000000")
     if "/" in conf.agent.netns or conf.agent.netns in (".", ".."):
         problems.append(f"[agent] netns {conf.agent.netns!r} is not a namespace name")
-    return problems + _nat_problems(conf.nat)
+    return problems + _nat_problems(conf)
 
 
-def _nat_problems(nat: cfg.ConfigOpts.GroupAttr) -> list[str]:
+def _nat_problems(conf: cfg.ConfigOpts) -> list[str]:
     """[nat] values reach iptables text verbatim: only addresses and device names pass."""
+    nat = conf.nat
     problems = []
     for name, values, kind in (
             ("fixed_range", [nat.fixed_range] if nat.fixed_range else [], "network"),
@@ -203,6 +205,11 @@ def _nat_problems(nat: cfg.ConfigOpts.GroupAttr) -> list[str]:
     if nat.fixed_range and _valid(nat.fixed_range, "network") and \
             ipaddress.IPv4Network(nat.fixed_range, strict=False).prefixlen == 0:
         problems.append("[nat] fixed_range must not be 0.0.0.0/0")
+    if nat.fixed_range and conf.firewall.conntrack_zones:
+        # A routed flow enters from the bridge in its zone and from the public
+        # side in zone 0: its replies would never match, so NAT would not undo.
+        problems.append("[nat] needs [firewall] conntrack_zones = false: NAT tracks flows "
+                        "that cross bridges and the public interface in one zone")
     return problems
 
 

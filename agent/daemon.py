@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +35,10 @@ from oslo_config import cfg
 
 from agent import config, netns
 from agent.admin.server import AdminServer
-from agent.compiler import Compiled, Settings, Snapshot, compile_ruleset, zones
+from agent.compiler import Compiled, NatSettings, Settings, Snapshot, compile_ruleset, zones
 from agent.compiler.flows import flows_to_cut
 from agent.compiler.names import Names
+from agent.dataplane import conntrack
 from agent.dataplane.command import KernelWriteError
 from agent.dataplane.engine import ApplyReport, Engine
 from agent.dataplane.flowcut import cut_flows
@@ -127,7 +128,19 @@ def settings_from_conf(conf: cfg.ConfigOpts) -> Settings:
         enable_ipv6=conf.firewall.enable_ipv6,
         accept_mark=int(conf.firewall.accept_mark, 0),
         conntrack_zones=conf.firewall.conntrack_zones,
+        nat=nat_settings(conf),
     )
+
+
+def nat_settings(conf: cfg.ConfigOpts) -> NatSettings | None:
+    """`[nat]` as the compiler wants it; None (no NAT at all) without a fixed range."""
+    nat = conf.nat
+    if not nat.fixed_range:
+        return None
+    return NatSettings(fixed_range=nat.fixed_range, routing_source_ip=nat.routing_source_ip,
+                       public_interface=nat.public_interface, dmz_cidr=tuple(nat.dmz_cidr),
+                       metadata_host=nat.metadata_host, metadata_port=nat.metadata_port,
+                       dhcp_bridges=tuple(nat.dhcp_bridges))
 
 
 def make_source(conf: cfg.ConfigOpts) -> PolicySource:
@@ -156,6 +169,7 @@ class Agent:
         self.bridges: dict[str, str] = {}       # managed device -> its bridge
         self.zones: dict[str, int] = {}         # bridge -> conntrack zone
         self.last_snapshot: Snapshot | None = None
+        self.floating_ips: dict[str, str] = {}  # floating -> fixed IP, as last applied
 
     # ------------------------------------------------------------ shells enqueue
 
@@ -318,6 +332,7 @@ class Agent:
         self.last_snapshot = snapshot
         for error in cut_errors:
             LOG.warning("%s", error)
+        self._forget_floating_ips(compiled.floating_ips)
         for warning in report.warnings:
             LOG.warning("%s", warning)
         if report.changed:
@@ -326,6 +341,20 @@ class Agent:
                      report.chains_written, report.lines_written, report.ipset_members_added,
                      report.ipset_members_removed, report.seconds, report.in_sync)
         return True, report.changed
+
+    def _forget_floating_ips(self, applied: Mapping[str, str]) -> None:
+        """Cut the flows of floating IPs whose NAT the apply just removed or moved.
+
+        Their conntrack entries still carry the old translation, so without
+        this an established flow through a removed floating IP lives on.
+        """
+        for ip in sorted(ip for ip, fixed in self.floating_ips.items()
+                         if applied.get(ip) != fixed):
+            try:
+                conntrack.delete_flows(ip)
+            except KernelWriteError as exc:
+                LOG.warning("conntrack cleanup of floating IP %s failed: %s", ip, exc)
+        self.floating_ips = dict(applied)
 
     def _snapshot(self, policy: Policy) -> Snapshot:
         """The compiler's input; zones are allocated here so they stay stable."""

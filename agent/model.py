@@ -113,7 +113,8 @@ class Port:
     floating_ips: tuple[str, ...] = ()
 
     def ips(self, family: int) -> tuple[str, ...]:
-        return tuple(ip for ip in self.fixed_ips if ipaddress.ip_address(ip).version == family)
+        """Fixed IPs of one family (they are canonical: IPv6 ones contain ':')."""
+        return tuple(ip for ip in self.fixed_ips if (":" in ip) == (family == 6))
 
 
 @dataclass(frozen=True)

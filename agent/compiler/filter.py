@@ -26,7 +26,6 @@ itself: INPUT -> <p>-INPUT -j <p>-from.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 
 from agent.compiler.dispatch import build_tree
@@ -247,7 +246,8 @@ def _provider_rules(port: Port, family: int) -> list[Rule]:
     client, server = DHCP[family]
     ethertype = f"IPv{family}"
     extra = "255.255.255.255/32" if family == 4 else "fe80::/64"
-    dests = [str(ipaddress.ip_network(ip)) for ip in port.ips(family)] + [extra]
+    host = "/32" if family == 4 else "/128"
+    dests = [ip + host for ip in port.ips(family)] + [extra]
     rules = [Rule(direction="ingress", ethertype=ethertype, protocol=17, port_min=client,
                   port_max=client, source_port_min=server, source_port_max=server,
                   local_ip_prefix=d) for d in dests]

@@ -73,7 +73,7 @@ def remote_set(rule: Rule, snap: Snapshot, ipsets: dict[str, IpSet]) -> str:
         group = rule.remote_address_group_id or ""
         name = names.ipset(rule.family, "a", group)
         members = (n for n in snap.policy.address_groups.get(group, ())
-                   if ipaddress.ip_network(n).version == rule.family)
+                   if (":" in n) == (rule.family == 6))
     if name not in ipsets:
         ipsets[name] = IpSet(name, rule.family, frozenset(set_members(members)))
     return name
@@ -82,12 +82,11 @@ def remote_set(rule: Rule, snap: Snapshot, ipsets: dict[str, IpSet]) -> str:
 def set_members(nets: Iterable[str]) -> set[str]:
     """Members as hash:net accepts them: /0 becomes two /1 halves."""
     out = set()
-    for text in nets:
-        net = ipaddress.ip_network(text)
-        if net.prefixlen == 0:
-            out.update(str(half) for half in net.subnets(prefixlen_diff=1))
+    for text in nets:  # canonical network strings from the model
+        if text.endswith("/0"):
+            out.update(str(half) for half in ipaddress.ip_network(text).subnets(prefixlen_diff=1))
         else:
-            out.add(str(net))
+            out.add(text)
     return out
 
 

@@ -21,11 +21,11 @@ ANY_NET = {4: "0.0.0.0/0", 6: "::/0"}
 def spoof_rules(port: Port, family: int) -> list[str]:
     """RETURN for allowed (source, MAC) pairs, then DROP."""
     pairs: list[tuple[str, str]] = []
-    for pair in port.allowed_address_pairs:
-        net = ipaddress.ip_network(pair.ip_address)
-        if net.version == family:
-            pairs.append((str(net), pair.mac_address or port.mac_address))
-    pairs += [(str(ipaddress.ip_network(ip)), port.mac_address) for ip in port.ips(family)]
+    for pair in port.allowed_address_pairs:  # canonical networks from the model
+        if (":" in pair.ip_address) == (family == 6):
+            pairs.append((pair.ip_address, pair.mac_address or port.mac_address))
+    host = "/32" if family == 4 else "/128"
+    pairs += [(ip + host, port.mac_address) for ip in port.ips(family)]
     if family == 6:
         macs = [port.mac_address] + [m for _, m in pairs if m != port.mac_address]
         pairs += [(f"{eui64_link_local(m)}/128", m) for m in dict.fromkeys(macs)]

@@ -1,11 +1,144 @@
-"""hostfw-controller entry point (a placeholder until the RPC issue lands)."""
+"""hostfw-controller: serve a policy file to agents over Neutron's RPC API.
+
+Rules of this room:
+
+1. The file (`[controller] policy_file`, CONTRACT 4.1) is parsed by the same
+   code as the agent's standalone mode; a file that cannot be loaded at
+   start is fatal (serving an empty policy would cut every VM off), later it
+   keeps the last good policy in force.
+2. On a change, the new snapshot is swapped in *before* the notifications go
+   out, so an agent that pulls because of them sees the new state.
+3. A (re)start sends nothing: agents already hold what the file says, and
+   they pull everything on their own start, reconnect and periodic resync.
+4. The RPC server starts on its own thread, because `server.start()` blocks
+   while the broker is down; SIGTERM must still stop the process.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import os
+import signal
 import sys
+import threading
+
+import oslo_messaging as messaging
+from oslo_config import cfg
+
+from agent import config
+from agent.controller.diff import diff
+from agent.controller.endpoint import SecurityGroupInfo, Snapshot
+from agent.controller.notifier import AgentNotifier
+from agent.controller.watch import FileWatcher
+from agent.sources import rpc_api
+from agent.sources.policy_file import PolicyFileError, load_policy_text
+
+LOG = logging.getLogger("hostfw.controller")
+STOP_TIMEOUT = 3.0
+
+
+class Controller:
+    """The policy in force, the q-plugin server and the notifier."""
+
+    def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport) -> None:
+        self.path: str = conf.controller.policy_file
+        self.snapshot = Snapshot()
+        self.notifier = AgentNotifier(transport)
+        self.server = messaging.get_rpc_server(
+            transport, messaging.Target(topic=rpc_api.PLUGIN_TOPIC, server=conf.host),
+            [SecurityGroupInfo(lambda: self.snapshot)])
+
+    def load(self) -> Snapshot:
+        """Read and parse the file; raises OSError or PolicyFileError."""
+        with open(self.path, encoding="utf-8") as handle:
+            policy = load_policy_text(handle.read(), self.path)
+        for error in policy.errors:
+            LOG.warning("policy file %s: %s", self.path, error)
+        return Snapshot.of(policy)
+
+    def reload(self, reason: str) -> None:
+        """Load the file again and notify agents of what changed."""
+        try:
+            new = self.load()
+        except (OSError, PolicyFileError) as exc:
+            LOG.error("reload (%s) failed: %s; keeping the policy in force", reason, exc)
+            return
+        notes = diff(self.snapshot.policy, new.policy)
+        self.snapshot = new
+        if not notes:
+            LOG.info("reload (%s): no change", reason)
+            return
+        sent = self.notifier.send(notes)
+        LOG.info("reload (%s): %d rule, %d member, %d port update, %d port delete "
+                 "notifications (%d casts sent)", reason, len(notes.rules_updated),
+                 len(notes.members_updated), len(notes.ports_updated),
+                 len(notes.ports_deleted), sent)
+
+
+def parse_args(argv: list[str] | None) -> cfg.ConfigOpts:
+    conf = cfg.CONF   # oslo.messaging needs the global object (see rpc_api)
+    config.register_opts(conf)
+    conf(argv, project="hostfw", prog="hostfw-controller",
+         default_config_files=[f for f in ["/etc/hostfw/agent.conf"] if os.path.exists(f)])
+    return conf
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("hostfw-controller: not yet implemented (see the RPC issue); "
-          "run hostfw-agent with [agent] mode = standalone", file=sys.stderr)
-    return 1
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--debug", action="store_true")
+    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.DEBUG if known.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] "
+                               "%(message)s")
+    try:
+        conf = parse_args(rest)
+        transport = rpc_api.make_transport(conf)
+    except (cfg.Error, messaging.InvalidTransportURL, messaging.DriverLoadFailure) as exc:
+        print(f"hostfw-controller: {exc}", file=sys.stderr)
+        return 2
+    controller = Controller(conf, transport)
+    watcher = FileWatcher(controller.path, conf.controller.watch_interval, controller.reload)
+    try:
+        controller.snapshot = controller.load()
+    except (OSError, PolicyFileError) as exc:
+        print(f"hostfw-controller: {exc}", file=sys.stderr)
+        return 1
+    policy = controller.snapshot.policy
+    LOG.info("serving %s: %d ports, %d security groups", controller.path,
+             len(policy.ports), len(policy.groups))
+
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    signal.signal(signal.SIGHUP, lambda *_: watcher.request("SIGHUP"))
+    server_thread = threading.Thread(target=_serve, args=(controller.server,),
+                                     name="rpc-server", daemon=True)
+    server_thread.start()
+    watcher.start()
+    while not stopping.wait(1.0):
+        pass
+    watcher.stop()
+    closer = threading.Thread(target=_close, args=(controller.server, server_thread, transport),
+                              name="rpc-stop", daemon=True)
+    closer.start()
+    closer.join(STOP_TIMEOUT)
+    LOG.info("hostfw-controller stopped")
+    return 0
+
+
+def _serve(server: messaging.MessageHandlingServer) -> None:
+    server.start()   # blocks until the broker answers
+    LOG.info("answering %s on %s", rpc_api.SG_INFO_METHOD, rpc_api.PLUGIN_TOPIC)
+
+
+def _close(server: messaging.MessageHandlingServer, started: threading.Thread,
+           transport: messaging.Transport) -> None:
+    started.join()
+    server.stop()
+    server.wait()
+    transport.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -38,20 +38,30 @@ def parse_save(text: str,
     """Parse iptables-save output (all tables) into KernelTables."""
     tables: dict[str, KernelTable] = {}
     current: KernelTable | None = None
+    chains: dict[str, list[str]] = {}
+    names: dict[str, str] = {}  # protocol word -> canonical token, memoised
     for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("*"):
-            current = tables.setdefault(line[1:].strip(), KernelTable(line[1:].strip()))
-        elif current is None or line == "COMMIT":
-            continue
-        elif line.startswith(":"):
-            current.chains.setdefault(line[1:].split(" ", 1)[0], [])
-        elif line.startswith("-A "):
+        if line.startswith("-A "):
             chain, _, spec = line[3:].partition(" ")
-            spec = PROTO_RE.sub(lambda m: f"{m.group(1)}-p {normalise_proto(m.group(2))}", spec)
-            current.chains.setdefault(chain, []).append(spec)
+            if spec.startswith("-p ") or " -p " in spec:
+                spec = PROTO_RE.sub(
+                    lambda m: f"{m.group(1)}-p {_memo(names, m.group(2), normalise_proto)}", spec)
+            rules = chains.get(chain)
+            if rules is None:
+                rules = chains[chain] = []
+            rules.append(spec)
+        elif line.startswith(":"):
+            chains.setdefault(line[1:].split(" ", 1)[0], [])
+        elif line.startswith("*"):
+            current = tables.setdefault(line[1:].strip(), KernelTable(line[1:].strip()))
+            chains = current.chains
     return tables
+
+
+def _memo(cache: dict[str, str], word: str, fn: Callable[[str], str]) -> str:
+    if word not in cache:
+        cache[word] = fn(word)
+    return cache[word]
 
 
 def jump_target(spec: str) -> str | None:

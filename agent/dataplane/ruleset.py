@@ -21,6 +21,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 COMMENT_RE = re.compile(r"^[A-Za-z0-9 _.,:/=+-]{0,200}$")
 FAMILIES = (4, 6)
@@ -35,7 +36,16 @@ def render_rule(target: str, *, src: str | None = None, dst: str | None = None,
 
     `target` is the text after `-j`/`-g` included (e.g. `-j RETURN`, `-g chain`).
     `comment` must pass COMMENT_RE: it is written into the kernel verbatim.
+    Most rules of a large ruleset are repeats (every port's heads and tails),
+    so renders are cached.
     """
+    return _render(target, src, dst, in_iface, out_iface, proto, tuple(matches), comment)
+
+
+@lru_cache(maxsize=1 << 16)
+def _render(target: str, src: str | None, dst: str | None, in_iface: str | None,
+            out_iface: str | None, proto: str | None, matches: tuple[str, ...],
+            comment: str) -> str:
     if not COMMENT_RE.match(comment):
         raise ValueError(f"comment {comment!r} has characters outside the whitelist")
     head = []

@@ -168,13 +168,15 @@ class AgentProcess:
     # ------------------------------------------------------------ kernel views
 
     def save(self, family: int = 4, backend: str = "iptables-legacy") -> str:
-        """iptables-save of the managed namespace (read only)."""
+        """iptables-save of the managed namespace without comment lines (read only)."""
         binary = {"iptables-legacy": "iptables-legacy-save", "iptables-nft": "iptables-nft-save",
                   "iptc": "iptables-legacy-save"}[backend]
         if family == 6:
             binary = "ip6" + binary
-        return subprocess.run(["ip", "netns", "exec", self.netns, binary], capture_output=True,
+        text = subprocess.run(["ip", "netns", "exec", self.netns, binary], capture_output=True,
                               text=True, check=True).stdout
+        return "".join(line for line in text.splitlines(keepends=True)
+                       if not line.startswith("#"))  # drop the timestamps
 
 
 def assert_root_clean() -> None:

@@ -1,0 +1,144 @@
+"""The controller's answer to `security_group_info_for_devices` (topic q-plugin, 1.3).
+
+Rules of this room:
+
+1. Devices map to ports the way Neutron's ML2 does: a device named after a
+   port (`tap` + the first 11 characters of its id, or the port's explicit
+   `device`) is that port; otherwise the `tap` prefix is stripped and the
+   rest must start exactly one port id. Unknown or ambiguous devices are left
+   out of the reply, and the agent fails closed on them.
+2. The reply has Neutron's shape (neutron.md 4.1): the requested ports keyed
+   by id with `device` set back to the requested name and their
+   `security_group_source_groups`; the rules of every group those ports are
+   in (a group without rules, or not defined, is `[]`); and members of every
+   remote group or address group those rules use, with an ethertype key only
+   where a rule of that ethertype refers to it. Neutron leaves trusted
+   (`network:*`) ports out because its agents handle them elsewhere; hostfw's
+   agent has no such path, so they are served like any port.
+3. Each call reads one `Snapshot` (swapped whole on reload), so a reply is
+   consistent even while the file is being reloaded.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import oslo_messaging as messaging
+
+from agent.controller.wire import members_to_wire, port_to_wire, rule_to_wire
+from agent.model import ETHERTYPES, Invalid, Policy, Port, parse_device
+from agent.sources import rpc_api
+
+LOG = logging.getLogger(__name__)
+NEUTRON_TAP_PREFIX = "tap"
+MAX_DEVICES = 10_000   # per call; Neutron's agents send 20
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A loaded policy and its device index; replaced whole, never mutated."""
+
+    policy: Policy = field(default_factory=Policy)
+    by_device: dict[str, Port] = field(default_factory=dict)
+    ids: tuple[str, ...] = ()           # sorted, for prefix search
+    by_id: dict[str, Port] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, policy: Policy) -> Snapshot:
+        by_id = {p.id: p for p in policy.ports}
+        return cls(policy, {p.device: p for p in policy.ports}, tuple(sorted(by_id)), by_id)
+
+    def port_for(self, device: str) -> Port | None:
+        """The port behind a device name, as Neutron's get_ports_from_devices finds it."""
+        port = self.by_device.get(device)
+        if port is not None or not device.startswith(NEUTRON_TAP_PREFIX):
+            return port
+        partial = device[len(NEUTRON_TAP_PREFIX):]
+        if not partial:
+            return None
+        at = bisect.bisect_left(self.ids, partial)
+        found = [i for i in self.ids[at:at + 2] if i.startswith(partial)]
+        if len(found) != 1:
+            if found:
+                LOG.warning("device %r matches several ports; left out", device)
+            return None
+        return self.by_id[found[0]]
+
+
+def build_reply(snap: Snapshot, devices: Iterable[str]) -> dict[str, Any]:
+    """Neutron's security_group_info_for_devices reply for these devices."""
+    policy = snap.policy
+    ports: dict[str, tuple[str, Port]] = {}
+    for device in devices:
+        port = snap.port_for(device)
+        if port is not None:
+            ports[port.id] = (device, port)
+    group_ids = list(dict.fromkeys(g for _, p in ports.values() for g in p.security_groups))
+    remote_groups: dict[str, set[str]] = {}      # remote group -> ethertypes used
+    remote_addresses: dict[str, set[str]] = {}   # address group -> ethertypes used
+    devices_out = {}
+    for port_id, (device, port) in ports.items():
+        sources: list[str] = []
+        address_groups: list[str] = []
+        for rule in [r for g in port.security_groups for r in policy.groups.get(g, ())] + \
+                list(port.security_group_rules):
+            if rule.remote_group_id:
+                remote_groups.setdefault(rule.remote_group_id, set()).add(rule.ethertype)
+                sources.append(rule.remote_group_id)
+            if rule.remote_address_group_id:
+                remote_addresses.setdefault(rule.remote_address_group_id,
+                                            set()).add(rule.ethertype)
+                address_groups.append(rule.remote_address_group_id)
+        devices_out[port_id] = {
+            **port_to_wire(port, device),
+            "security_group_source_groups": list(dict.fromkeys(sources)),
+            "security_group_remote_address_groups": list(dict.fromkeys(address_groups)),
+        }
+    members: dict[str, dict[str, list[list[str | None]]]] = {}
+    for group, ethertypes in remote_groups.items():
+        by_family = policy.members.get(group, {})
+        members[group] = {e: members_to_wire(by_family.get(ETHERTYPES[e], ()))
+                          for e in sorted(ethertypes)}
+    for group, ethertypes in remote_addresses.items():
+        cidrs = policy.address_groups.get(group, ())
+        members[group] = {e: members_to_wire(c for c in cidrs if _family(c) == ETHERTYPES[e])
+                          for e in sorted(ethertypes)}
+    return {
+        "devices": devices_out,
+        "security_groups": {g: [rule_to_wire(r) for r in policy.groups.get(g, ())]
+                            for g in group_ids},
+        "sg_member_ips": members,
+    }
+
+
+def _family(cidr: str) -> int:
+    return 6 if ":" in cidr else 4
+
+
+class SecurityGroupInfo:
+    """The q-plugin endpoint; `current` returns the snapshot in force."""
+
+    target = messaging.Target(version=rpc_api.SG_INFO_VERSION)
+
+    def __init__(self, current: Callable[[], Snapshot]) -> None:
+        self._current = current
+
+    @messaging.expected_exceptions(ValueError)
+    def security_group_info_for_devices(self, context: Any, **kwargs: Any) -> dict[str, Any]:
+        """Answer one chunk; a malformed request is refused with ValueError."""
+        devices = kwargs.get("devices")
+        if not isinstance(devices, list) or len(devices) > MAX_DEVICES:
+            LOG.warning("refused security_group_info_for_devices: devices is not a list "
+                        "of at most %d names", MAX_DEVICES)
+            raise ValueError("devices must be a list of device names")
+        names = []
+        for device in devices:
+            try:
+                names.append(parse_device(device, "device"))
+            except Invalid as exc:
+                LOG.warning("security_group_info_for_devices: %s; left out", exc)
+        return build_reply(self._current(), names)
