@@ -45,7 +45,7 @@ AGENT_OPTS = [
                     "own namespace."),
     cfg.StrOpt("unknown_device_policy", default="drop", choices=["drop", "accept"],
                help="What a device_prefix netdev with no known port gets."),
-    cfg.FloatOpt("batch_window", default=0.05, min=0.0,
+    cfg.FloatOpt("batch_window", default=0.02, min=0.0,
                  help="Seconds to wait for more events before applying, so that bursts "
                       "coalesce into one apply."),
 ]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from agent import protocols
@@ -60,6 +60,18 @@ class Invalid(ValueError):
     """One object failed validation; the message names the object and why."""
 
 
+def cached_hash(self: Any) -> int:
+    """Frozen model objects are keys of the compiler's memo caches, hashed on
+    every compile; computing each object's hash once keeps that cheap. Set as
+    `__hash__` in the class body, so that dataclass keeps it."""
+    try:
+        return self.__dict__["_hash"]
+    except KeyError:
+        value = hash(tuple(getattr(self, f.name) for f in fields(self)))
+        object.__setattr__(self, "_hash", value)
+        return value
+
+
 @dataclass(frozen=True, order=True)
 class Rule:
     """One security group rule, normalised.
@@ -82,6 +94,8 @@ class Rule:
     remote_address_group_id: str | None = None
     stateful: bool = True
     local_ip_prefix: str | None = None
+
+    __hash__ = cached_hash
 
     @property
     def family(self) -> int:
@@ -111,6 +125,8 @@ class Port:
     network_id: str = ""
     security_group_rules: tuple[Rule, ...] = ()
     floating_ips: tuple[str, ...] = ()
+
+    __hash__ = cached_hash
 
     def ips(self, family: int) -> tuple[str, ...]:
         """Fixed IPs of one family (they are canonical: IPv6 ones contain ':')."""

@@ -8,55 +8,77 @@ the unknown-device verdict, so a managed device nobody knows never passes.
 
 Because each level *goes to* (`-g`) the next, a port chain's RETURN comes back
 to whoever *jumped* into the root, whatever the depth.
+
+Subtrees are memoised on their entries: adding one port re-renders only the
+chains on the path to its leaf, which keeps a one-port apply cheap at 1,000
+ports.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from functools import lru_cache
 
-from agent.dataplane.ruleset import TableBuilder, render_rule
+from agent.compiler.names import Names
+from agent.dataplane.ruleset import render_rule
 
 FANOUT = 16  # a node with more entries than this splits by the next character
 
+Entry = tuple[str, str, str]   # (device, action, comment), sorted by device
+MATCHES = {
+    "in": "-m physdev --physdev-in {}",
+    "out": "-m physdev --physdev-out {} --physdev-is-bridged",
+}
 
-def build_tree(builder: TableBuilder, root: str, base_prefix: str,
-               entries: Sequence[tuple[str, str, str]], match: Callable[[str], str],
-               unknown: str, chain_name: Callable[[str], str]) -> None:
-    """Fill chain `root` (and its children) dispatching `entries` by device name.
 
-    `entries` are (device, action, comment) sorted by device; `match(pattern)`
-    renders the physdev match for a device name or a `prefix+` wildcard;
-    `unknown` is the final verdict of every chain; `chain_name(prefix)` names the
-    chain of the subtree whose devices start with `prefix`.
+def build_tree(root: str, entries: tuple[Entry, ...], direction: str, unknown: str,
+               names: Names) -> dict[str, tuple[str, ...]]:
+    """The chains of the tree rooted at shared chain `root` (e.g. "from").
+
+    `direction` is "in" (match --physdev-in: from a VM) or "out" (to a VM);
+    `unknown` the final verdict of every chain.
     """
-    _node(builder, root, base_prefix, list(entries), match, unknown, chain_name)
+    chains: dict[str, tuple[str, ...]] = {}
+    _collect(names.chain(root), root, names.device_prefix, entries, direction, unknown,
+             names, chains)
+    return chains
 
 
-def _node(builder: TableBuilder, chain: str, prefix: str,
-          entries: list[tuple[str, str, str]], match: Callable[[str], str],
-          unknown: str, chain_name: Callable[[str], str]) -> None:
-    rules = builder.chain(chain)
+def _collect(chain: str, root: str, prefix: str, entries: tuple[Entry, ...], direction: str,
+             unknown: str, names: Names, out: dict[str, tuple[str, ...]]) -> None:
+    rules, children = _node(root, prefix, entries, direction, unknown, names)
+    out[chain] = rules
+    for child, child_prefix, child_entries in children:
+        _collect(child, root, child_prefix, child_entries, direction, unknown, names, out)
+
+
+@lru_cache(maxsize=1 << 13)
+def _node(root: str, prefix: str, entries: tuple[Entry, ...], direction: str, unknown: str,
+          names: Names) -> tuple[tuple[str, ...], tuple[tuple[str, str, tuple[Entry, ...]], ...]]:
+    """One chain's rules, and its children as (chain, prefix, entries)."""
+    match = MATCHES[direction].format
+    rules: list[str] = []
+    children: list[tuple[str, str, tuple[Entry, ...]]] = []
     if len(entries) <= FANOUT:
-        rules += [render_rule(action, matches=[match(dev)], comment=note)
+        rules += [render_rule(action, matches=(match(dev),), comment=note)
                   for dev, action, note in entries]
     else:
         # Skip levels every device shares: they would be chains of one rule.
         depth = max(len(prefix), len(os.path.commonprefix([e[0] for e in entries])))
-        exact = [e for e in entries if len(e[0]) == depth]
-        rules += [render_rule(action, matches=[match(dev)], comment=note)
-                  for dev, action, note in exact]
-        branches: dict[str, list[tuple[str, str, str]]] = {}
+        rules += [render_rule(action, matches=(match(dev),), comment=note)
+                  for dev, action, note in entries if len(dev) == depth]
+        branches: dict[str, list[Entry]] = {}
         for entry in entries:
             if len(entry[0]) > depth:
                 branches.setdefault(entry[0][: depth + 1], []).append(entry)
         for sub_prefix, sub in sorted(branches.items()):
             if len(sub) == 1:
                 dev, action, note = sub[0]
-                rules.append(render_rule(action, matches=[match(dev)], comment=note))
+                rules.append(render_rule(action, matches=(match(dev),), comment=note))
                 continue
-            child = chain_name(sub_prefix)
-            rules.append(render_rule(f"-g {child}", matches=[match(sub_prefix + "+")],
+            child = names.tree_chain(root, sub_prefix)
+            rules.append(render_rule(f"-g {child}", matches=(match(sub_prefix + "+"),),
                                      comment=f"devices {sub_prefix}+"))
-            _node(builder, child, sub_prefix, sub, match, unknown, chain_name)
+            children.append((child, sub_prefix, tuple(sub)))
     rules.append(render_rule(unknown, comment="unknown device"))
+    return tuple(rules), tuple(children)

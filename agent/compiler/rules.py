@@ -3,25 +3,33 @@
 Rules of this room: pure, and the only place that knows Neutron's rule
 translation (protocols, ports, ICMP type/code, prefixes, remote groups as
 ipsets). Tokens come out in iptables-save's order so the kernel's text equals
-ours. Remote groups and address groups become hash:net ipsets, registered in
-the `ipsets` dict the caller passes.
+ours. Remote groups and address groups become hash:net ipsets; a rule only
+names its set (`remote_set_name`) and `remote_sets` gathers the members, so
+rendering stays a memoisable function of frozen values.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from functools import lru_cache
 
 from agent import protocols
 from agent.compiler.inputs import Snapshot
+from agent.compiler.names import Names
 from agent.dataplane.ruleset import IpSet, render_rule
 from agent.model import Rule
 
 ANY_NET = {4: "0.0.0.0/0", 6: "::/0"}
 
 
-def render_sg_rule(rule: Rule, target: str, snap: Snapshot, ipsets: dict[str, IpSet]) -> str:
-    """`rule` as one iptables rule ending in `target` (e.g. `-j RETURN`)."""
+@lru_cache(maxsize=1 << 16)
+def render_sg_rule(rule: Rule, target: str, names: Names) -> str:
+    """`rule` as one iptables rule ending in `target` (e.g. `-j RETURN`).
+
+    A pure function of frozen values, so it is memoised: a group's rules are
+    rendered once, not once per port and apply.
+    """
     ingress = rule.direction == "ingress"
     prefix, local = (None if p == ANY_NET[rule.family] else p
                      for p in (rule.remote_ip_prefix, rule.local_ip_prefix))
@@ -35,9 +43,8 @@ def render_sg_rule(rule: Rule, target: str, snap: Snapshot, ipsets: dict[str, Ip
                        else f"-m icmp6 --icmpv6-type {kind}")
     elif rule.protocol in protocols.PORT_PROTOCOLS:
         matches += _port_matches(rule)
-    remote = rule.remote_group_id or rule.remote_address_group_id
-    if remote:
-        set_name = remote_set(rule, snap, ipsets)
+    set_name = remote_set_name(rule, names)
+    if set_name:
         matches.append(f"-m set --match-set {set_name} {'src' if ingress else 'dst'}")
     return render_rule(target, src=src, dst=dst, proto=proto, matches=matches,
                        comment=describe(rule))
@@ -62,21 +69,31 @@ def _port_matches(rule: Rule) -> list[str]:
     return out + ranges
 
 
-def remote_set(rule: Rule, snap: Snapshot, ipsets: dict[str, IpSet]) -> str:
-    """The ipset holding the members of the rule's remote (address) group."""
-    names = snap.settings.names
+def remote_set_name(rule: Rule, names: Names) -> str | None:
+    """The ipset of the rule's remote group or address group, if it has one."""
     if rule.remote_group_id:
-        name = names.ipset(rule.family, "g", rule.remote_group_id)
-        members: Iterable[str] = snap.policy.members.get(rule.remote_group_id, {}) \
-            .get(rule.family, ())
-    else:
-        group = rule.remote_address_group_id or ""
-        name = names.ipset(rule.family, "a", group)
-        members = (n for n in snap.policy.address_groups.get(group, ())
-                   if (":" in n) == (rule.family == 6))
-    if name not in ipsets:
-        ipsets[name] = IpSet(name, rule.family, frozenset(set_members(members)))
-    return name
+        return names.ipset(rule.family, "g", rule.remote_group_id)
+    if rule.remote_address_group_id:
+        return names.ipset(rule.family, "a", rule.remote_address_group_id)
+    return None
+
+
+def remote_sets(rules: Iterable[Rule], snap: Snapshot) -> dict[str, IpSet]:
+    """The ipsets (with members) that `rules` reference."""
+    names = snap.settings.names
+    out: dict[str, IpSet] = {}
+    for rule in rules:
+        name = remote_set_name(rule, names)
+        if name is None or name in out:
+            continue
+        if rule.remote_group_id:
+            members: Iterable[str] = snap.policy.members.get(rule.remote_group_id, {}) \
+                .get(rule.family, ())
+        else:
+            members = (n for n in snap.policy.address_groups.get(
+                rule.remote_address_group_id or "", ()) if (":" in n) == (rule.family == 6))
+        out[name] = IpSet(name, rule.family, frozenset(set_members(members)))
+    return out
 
 
 def set_members(nets: Iterable[str]) -> set[str]:

@@ -114,12 +114,16 @@ class TableBuilder:
     def __init__(self, family: int, name: str) -> None:
         self.family = family
         self.name = name
-        self.chains: dict[str, list[str]] = {}
+        # Lists while being appended to; whole chains from memo caches are tuples.
+        self.chains: dict[str, list[str] | tuple[str, ...]] = {}
         self.hooks: list[Hook] = []
 
     def chain(self, name: str) -> list[str]:
         """The rule list of chain `name`, created empty on first use."""
-        return self.chains.setdefault(name, [])
+        rules = self.chains.setdefault(name, [])
+        if isinstance(rules, tuple):
+            rules = self.chains[name] = list(rules)
+        return rules
 
     def hook(self, builtin: str, target_chain: str) -> None:
         self.hooks.append(Hook(builtin, f"-j {target_chain}"))
