@@ -20,6 +20,9 @@ IPSET_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,7}$")
 DEVICE_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,7}$")
 DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 
+LOG_FORMAT = ("%(asctime)s.%(msecs)03d %(process)d %(levelname)s %(name)s [%(threadName)s] "
+              "%(instance)s%(message)s")
+
 DEFAULT_OPTS = [
     cfg.StrOpt("host", default=socket.gethostname(), sample_default="<hostname>",
                help="This node's name: the RPC server name and the port binding host."),
@@ -160,6 +163,34 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
 def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
     """Entry point for oslo-config-generator (`oslo.config.opts`)."""
     return [("DEFAULT" if g is None else g, list(opts)) for g, opts in GROUPS.items()]
+
+
+def set_log_defaults(conf: cfg.ConfigOpts) -> None:
+    """Register oslo.log's options on `conf` with hostfw's defaults: log to stderr.
+
+    Under systemd stderr is the journal; oslo.log's own default is stdout. Lines
+    name their thread: the writer, netlink, admin and RPC threads interleave.
+    Called before the command line is parsed (the options include --debug).
+    The default is set on the option itself (as oslo.log's own `set_defaults`
+    does; `_options` is what oslo.log's generator entry point lists), so the
+    generated sample shows it too.
+    """
+    from oslo_log import _options, log  # imported here: agent-ctl reads this module too
+
+    cfg.set_defaults(_options.generic_log_opts, use_stderr=True)
+    cfg.set_defaults(_options.log_opts, logging_default_format_string=LOG_FORMAT)
+    log.register_options(conf)
+
+
+def set_sample_defaults() -> None:
+    """oslo-config-generator hook (`oslo.config.opts.defaults`): library defaults hostfw
+    changes, so the sample shows the values the agent really runs with."""
+    import oslo_messaging
+
+    from agent.sources.rpc_api import CONTROL_EXCHANGE
+
+    set_log_defaults(cfg.CONF)
+    oslo_messaging.set_transport_defaults(control_exchange=CONTROL_EXCHANGE)
 
 
 def validate(conf: cfg.ConfigOpts) -> list[str]:

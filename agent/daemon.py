@@ -18,7 +18,6 @@ Rules of this room:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import queue
@@ -32,6 +31,7 @@ from typing import Any
 
 import tenacity
 from oslo_config import cfg
+from oslo_log import log as oslo_logging
 
 from agent import config, netns
 from agent.admin.server import AdminServer
@@ -43,6 +43,7 @@ from agent.dataplane.command import KernelWriteError
 from agent.dataplane.engine import ApplyReport, Engine
 from agent.dataplane.flowcut import cut_flows
 from agent.dataplane.restore_backend import RestoreBackend, detect_mode
+from agent.metrics import Observer
 from agent.model import Policy
 from agent.sources.base import PolicySource
 from agent.sources.netlink import DeviceWatcher
@@ -159,6 +160,7 @@ class Agent:
         self.source = source
         self.queue: queue.Queue[Event] = queue.Queue()
         self.state = NodeState(mode=conf.agent.mode, namespace=conf.agent.netns)
+        self.metrics = Observer(conf.agent.resync_interval, source.status)
         self.stopping = threading.Event()
         self.fatal: str | None = None
         self.engine: Engine | None = None
@@ -174,10 +176,12 @@ class Agent:
     # ------------------------------------------------------------ shells enqueue
 
     def _on_devices(self, devices: dict[str, str], full: bool) -> None:
+        self.metrics.event_queued("devices")
         self.queue.put(Event("devices", (devices, full)))
         self._devices_seen.set()
 
     def _on_policy(self, policy: Policy) -> None:
+        self.metrics.event_queued("policy")
         self.queue.put(Event("policy", policy))
 
     def _on_fatal(self, reason: str) -> None:
@@ -190,6 +194,7 @@ class Agent:
         """Re-read the source, re-scan, recompile, reconcile; optionally wait for it."""
         self.source.resync()
         waiter = Waiter() if wait else None
+        self.metrics.event_queued("resync")
         self.queue.put(Event("resync", waiter=waiter))
         if waiter is None:
             return {"ok": True, "queued": True}
@@ -224,14 +229,22 @@ class Agent:
 
     def _make_engine(self) -> Engine:
         mode = self.conf.firewall.backend
-        if mode == "iptc":
-            raise ValueError("[firewall] backend iptc (python-iptables) is not implemented "
-                             "yet; use iptables-legacy, iptables-nft or auto")
-        if mode == "auto":
-            mode = detect_mode()
+        if mode == "auto":  # the host's one mode (never both): legacy -> iptc, nft -> restore
+            mode = "iptc" if detect_mode() == "iptables-legacy" else "iptables-nft"
         self.state.backend = mode
         LOG.info("writer in netns %r using %s", self.conf.agent.netns or "(own)", mode)
-        engine = Engine(RestoreBackend(mode), self.settings.names, self.settings.families)
+        if mode == "iptc":
+            try:  # imported only when chosen: it loads libiptc and modprobes ip_tables
+                from agent.dataplane.iptc_backend import IptcBackend
+            except Exception as exc:  # ImportError, or OSError/XTablesError from the C side
+                raise ValueError(f"[firewall] backend iptc: python-iptables does not load: "
+                                 f"{exc}") from exc
+            backend = IptcBackend()
+        else:
+            backend = RestoreBackend(mode)
+        engine = Engine(self.metrics.counted(backend), self.settings.names,
+                        self.settings.families)
+        engine.ipsets = self.metrics.counted_ipsets()
         raw = engine.read()[4].get("raw")
         if raw:  # adopt the zones of a previous run, so conntrack entries stay valid
             self.zones = zones.zones_from_rules(raw.chains.get(self.settings.names.chain(
@@ -241,7 +254,9 @@ class Agent:
     def _loop(self, engine: Engine) -> None:
         timers = Timers(self.conf.agent.resync_interval)
         while not self.stopping.is_set():
-            batch = self._next_batch(timers.next_due())
+            self.metrics.loop_alive()
+            batch = self._next_batch(min(timers.next_due(), self.metrics.watchdog_deadline()))
+            self.metrics.events_taken(event.kind for event in batch)
             waiters = [e.waiter for e in batch if e.waiter and e.kind != "call"]
             dirty = refresh = False
             for event in batch:
@@ -317,6 +332,7 @@ class Agent:
                            for t in tables.values() for c in t.chains)
             if has_ours:
                 LOG.info("no policy yet; keeping the rules found in the kernel")
+                self.metrics.waiting_for_policy()
                 return True, False
             policy = Policy()
         snapshot = self._snapshot(policy)
@@ -326,8 +342,10 @@ class Agent:
         except KernelWriteError as exc:
             LOG.error("apply failed: %s", exc)
             self.state.record_failure(compiled, f"apply failed: {exc}")
+            self.metrics.apply_failed(str(exc))
             return False, False
         self.state.record_apply(compiled, report)
+        self.metrics.applied(report, compiled, self.state.generation)
         cut_errors = cut_flows(flows_to_cut(self.last_snapshot, snapshot))
         self.last_snapshot = snapshot
         for error in cut_errors:
@@ -394,22 +412,19 @@ class Agent:
 def parse_args(argv: list[str] | None) -> cfg.ConfigOpts:
     conf = cfg.CONF
     config.register_opts(conf)
+    config.set_log_defaults(conf)
     conf(argv, project="hostfw", prog="hostfw-agent",
          default_config_files=[f for f in ["/etc/hostfw/agent.conf"] if os.path.exists(f)])
     return conf
 
 
 def main(argv: list[str] | None = None) -> int:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--debug", action="store_true")
-    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.DEBUG if known.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
     try:
-        conf = parse_args(rest)
+        conf = parse_args(sys.argv[1:] if argv is None else argv)
     except cfg.Error as exc:
         print(f"hostfw-agent: {exc}", file=sys.stderr)
         return 2
+    oslo_logging.setup(conf, "hostfw")  # stderr (journald) unless configured otherwise
     problems = config.validate(conf)
     if problems:
         for problem in problems:
@@ -420,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     agent = Agent(conf, make_source(conf))
+    try:
+        if conf.metrics.listen:
+            agent.metrics.serve(conf.metrics.listen)
+    except (ValueError, OSError) as exc:
+        print(f"hostfw-agent: [metrics] listen: {exc}", file=sys.stderr)
+        return 2
     admin = AdminServer(conf.admin.socket_path, agent)
     admin.start()
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
@@ -430,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     LOG.info("hostfw-agent started (mode %s)", conf.agent.mode)
     while not agent.stopping.wait(1.0):
         pass
+    agent.metrics.stop()
     admin.stop()
     agent.writer.join(timeout=10)
     LOG.info("hostfw-agent stopped; rules left in place")

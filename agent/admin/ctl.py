@@ -17,6 +17,7 @@ from typing import Any
 from oslo_config import cfg
 
 from agent import config
+from agent.admin import diff
 
 DEFAULT_SOCKET = "/run/hostfw/agent.sock"
 
@@ -125,6 +126,52 @@ def print_dump(reply: dict[str, Any]) -> None:
               f"{' '.join(body['members']) or '(empty)'}")
 
 
+HOOKS = {"FORWARD": "bridged through the node (filter FORWARD)",
+         "INPUT": "to this node (filter INPUT)", "OUTPUT": "from this node (filter OUTPUT)"}
+
+
+def print_trace(reply: dict[str, Any]) -> None:
+    packet = reply["packet"]
+    what = f"{packet['proto']} {packet['src']} -> {packet['dst']}"
+    if packet["icmp_type"] is not None:
+        what += f" type {packet['icmp_type']}/{packet['icmp_code']}"
+    if packet["dport"] is not None or packet["sport"] is not None:
+        what += (f" sport {packet['sport'] if packet['sport'] is not None else 'any'}"
+                 f" dport {packet['dport'] if packet['dport'] is not None else 'any'}")
+    rows = [("packet", f"{what}, IPv{packet['family']}, conntrack {packet['ctstate']}"),
+            ("from", reply["from"]), ("to", reply["to"]), ("path", HOOKS[packet["hook"]])]
+    rows += [("note", note) for note in reply.get("notes", [])]
+    if not reply.get("in_sync"):
+        rows.append(("warning", "the last apply did not leave the kernel in sync; this "
+                                "traces the agent's ruleset (agent-ctl diff: the difference)"))
+    for key, value in rows:
+        print(f"{key:<8} {value}")
+    print()
+    for number, step in enumerate(reply["steps"], 1):
+        print(f"{number:>3} {step['table']}/{step['chain']}: {step['effect']}")
+        if step["rule"]:
+            print(f"      -A {step['chain']} {step['rule']}")
+    print()
+    print(f"verdict: {reply['verdict']} ({reply['reason']})")
+
+
+def icmp_type(text: str) -> tuple[int, int]:
+    """`--icmp-type TYPE[/CODE]`; the code defaults to 0."""
+    kind, _, code = text.partition("/")
+    if not kind.isdigit() or int(kind) > 255 or code and (not code.isdigit() or int(code) > 255):
+        raise argparse.ArgumentTypeError(f"{text!r} is not TYPE or TYPE/CODE (0 to 255)")
+    return int(kind), int(code or 0)
+
+
+def trace_request(args: argparse.Namespace) -> dict[str, Any]:
+    request = {key: getattr(args, key) for key in
+               ("port", "proto", "direction", "src", "dst", "sport", "dport", "ctstate",
+                "peer", "src_mac") if getattr(args, key) is not None}
+    if args.icmp_type:
+        request["icmp_type"], request["icmp_code"] = args.icmp_type
+    return request
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agent-ctl", description="Drive a hostfw-agent.")
     where = parser.add_mutually_exclusive_group()
@@ -133,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds to wait for the agent (default 10, resync --wait 60)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("status", "ports", "dump"):
+    for name in ("status", "ports", "dump", "diff"):
         p = sub.add_parser(name)
         p.add_argument("--json", action="store_true")
     resync = sub.add_parser("resync")
@@ -143,6 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show")
     show.add_argument("port", help="port id or device name")
     show.add_argument("--json", action="store_true")
+    trace = sub.add_parser("trace", help="walk one packet through the compiled ruleset")
+    trace.add_argument("port", help="the local port (id or device) receiving (ingress) or "
+                                    "sending (egress) the packet")
+    trace.add_argument("--proto", required=True, help="tcp, udp, icmp, ... or a number")
+    trace.add_argument("--src", help="source address (default for egress: the port's)")
+    trace.add_argument("--dst", help="destination address (default for ingress: the port's)")
+    trace.add_argument("--sport", type=int, help="source port (default: any unprivileged)")
+    trace.add_argument("--dport", type=int, help="destination port")
+    trace.add_argument("--direction", choices=("ingress", "egress"), default="ingress",
+                       help="to the port (default) or from it")
+    trace.add_argument("--icmp-type", type=icmp_type, metavar="TYPE[/CODE]",
+                       help="default: echo request")
+    trace.add_argument("--ctstate", default="NEW",
+                       choices=("NEW", "ESTABLISHED", "RELATED", "INVALID", "UNTRACKED"))
+    trace.add_argument("--peer", help="the other end: a port id or device of this node, or "
+                                      "'node' (default: found by address, else outside)")
+    trace.add_argument("--src-mac", help="the sender's MAC (default: its port's)")
+    trace.add_argument("--json", action="store_true")
     return parser
 
 
@@ -156,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         timeout = max(timeout, wait_for + 5)
     if args.command == "show":
         request["port"] = args.port
+    if args.command == "trace":
+        request.update(trace_request(args))
     try:
         reply = call(socket_path(args), request, timeout)
     except (CtlError, cfg.Error) as exc:
@@ -165,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(reply, indent=2, sort_keys=True))
     elif reply.get("ok"):
         printers = {"status": print_status, "ports": print_ports, "dump": print_dump,
-                    "show": lambda r: print_chains(r.get("chains", {}))}
+                    "show": lambda r: print_chains(r.get("chains", {})),
+                    "diff": lambda r: print(diff.render(r)), "trace": print_trace}
         if args.command in printers:
             printers[args.command](reply)
         else:

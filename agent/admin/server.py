@@ -1,7 +1,7 @@
 """The admin socket: one JSON object per line in, one per line out (CONTRACT 6).
 
 Rules of this room: handlers only read the agent's state or enqueue a request
-(`resync`); kernel reads (`show`) run on the writer thread through
+(`resync`); kernel reads (`show`, `diff`) run on the writer thread through
 `call_on_writer`, since only that thread lives in the managed namespace. The
 socket is created with mode 0600: whoever can talk to it can make the agent
 resync and can read the whole policy.
@@ -16,7 +16,7 @@ import socketserver
 import threading
 from typing import Any, Protocol
 
-from agent.admin import views
+from agent.admin import diff, views
 
 LOG = logging.getLogger(__name__)
 MAX_REQUEST = 64 * 1024
@@ -51,6 +51,10 @@ def handle_request(agent: AgentLike, request: Any) -> dict[str, Any]:
             return views.show_port(agent, key)
         if command == "dump":
             return {"ok": True, **views.dump(agent.state)}
+        if command == "diff":
+            return diff.diff(agent)
+        if command == "trace":
+            return views.trace_packet(agent, request)
     except (TimeoutError, RuntimeError, ValueError) as exc:
         return {"ok": False, "error": str(exc)}
     return {"ok": False, "error": f"unknown command {command!r}"}

@@ -1,14 +1,18 @@
-"""Read-only views of the agent for the admin socket: `show` and `dump`.
+"""Read-only views of the agent for the admin socket: `show`, `dump` and `trace`.
 
 Rules of this room: build plain JSON-able dicts from the agent's state; the
 only kernel read (`show`'s "as applied") goes through the writer thread.
+`trace` walks the compiled ruleset, not the kernel: `diff` (agent/admin/
+diff.py) says whether the two differ.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from agent.dataplane.ruleset import Ruleset
+from agent.trace import Probe, resolve, trace
 
 
 def ruleset_json(ruleset: Ruleset) -> dict[str, Any]:
@@ -55,4 +59,45 @@ def show_port(agent: Any, key: str) -> dict[str, Any]:
                  "port_security_enabled": port.port_security_enabled,
                  "present": port.device in state.devices},
         "chains": {k: v for k, v in applied.items() if v},
+    }
+
+
+TRACE_TEXT = ("port", "proto", "direction", "src", "dst", "ctstate", "peer", "src_mac")
+TRACE_NUMBERS = {"sport": 65535, "dport": 65535, "icmp_type": 255, "icmp_code": 255}
+
+
+def trace_packet(agent: Any, request: dict[str, Any]) -> dict[str, Any]:
+    """`trace`: walk one described packet through the compiled ruleset (agent/trace.py)."""
+    unknown = sorted(set(request) - {"command", *TRACE_TEXT, *TRACE_NUMBERS})
+    if unknown:  # a misspelt field would silently trace another packet
+        return {"ok": False, "error": f"trace does not know {', '.join(unknown)}"}
+    fields: dict[str, Any] = {}
+    for key in TRACE_TEXT:
+        value = request.get(key)
+        if value is not None and not isinstance(value, str):
+            return {"ok": False, "error": f"trace: {key} must be a string"}
+        if value:
+            fields[key] = value
+    for key, top in TRACE_NUMBERS.items():
+        value = request.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value <= top):
+            return {"ok": False, "error": f"trace: {key} must be a number from 0 to {top}"}
+        if value is not None:
+            fields[key] = value
+    if "port" not in fields or "proto" not in fields:
+        return {"ok": False, "error": "trace needs 'port' (a port id or device) and 'proto'"}
+    state = agent.state
+    with state.lock:
+        policy, compiled, devices, in_sync = (state.policy, state.compiled, state.devices,
+                                              state.in_sync)
+    if policy is None or compiled is None:
+        return {"ok": False, "error": "the agent has no compiled policy yet"}
+    resolved = resolve(Probe(**fields), policy, devices, dict(agent.bridges))
+    result = trace(compiled.ruleset, resolved.packet, agent.settings.names.device_prefix)
+    return {
+        "ok": True, "verdict": result.verdict, "reason": result.reason, "in_sync": in_sync,
+        "from": resolved.sender.label, "to": resolved.receiver.label,
+        "packet": dataclasses.asdict(resolved.packet), "notes": list(resolved.notes),
+        "steps": [dataclasses.asdict(step) for step in result.steps],
     }

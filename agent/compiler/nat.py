@@ -62,6 +62,8 @@ BRIDGE_SERVICES = (("udp", 67, "DHCP"), ("tcp", 67, "DHCP"),
 
 @dataclass(frozen=True)
 class NatResult:
+    """What `compile_nat` made, and what the writer needs to clean up after it."""
+
     ruleset: Ruleset
     floating_ips: Mapping[str, str] = field(default_factory=dict)  # floating -> fixed IPv4
     errors: tuple[str, ...] = ()
@@ -75,13 +77,13 @@ def compile_nat(snapshot: Snapshot) -> NatResult:
     names = snapshot.settings.names
     local = sorted((p for p in snapshot.policy.ports if p.device in snapshot.devices),
                    key=lambda p: p.device)
-    floating, errors = floating_targets(local)
+    floating, errors = _floating_targets(local)
     tables = {(4, "nat"): _nat_table(nat, names, floating),
               (4, "filter"): _filter_table(nat, names, local)}
     return NatResult(Ruleset(tables), floating, tuple(errors))
 
 
-def floating_targets(ports: Sequence[Port]) -> tuple[dict[str, str], list[str]]:
+def _floating_targets(ports: Sequence[Port]) -> tuple[dict[str, str], list[str]]:
     """Map each floating IP of `ports` to its port's first IPv4 fixed IP.
 
     A floating IP is one address on one node: the first port (in the given

@@ -64,10 +64,12 @@ class AgentProcess:
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self, wait: bool = True) -> AgentProcess:
+    def start(self, wait: bool = True, env: dict[str, str] | None = None) -> AgentProcess:
+        """Start the agent; `env` adds variables (NOTIFY_SOCKET, ...) to the test's own."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept for the process's life
         self.proc = subprocess.Popen([tool("hostfw-agent"), "--config-file", str(self.conf_path)],
-                                     stdout=log, stderr=subprocess.STDOUT)
+                                     stdout=log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **env} if env else None)
         log.close()
         if wait:
             self.wait_ready()

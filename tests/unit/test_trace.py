@@ -1,0 +1,342 @@
+"""The packet tracer (agent/trace.py) on compiled rulesets: no kernel needed.
+
+Policies are parsed by agent.model.parse_policy and compiled by the real
+compiler, so these tests walk exactly the rules the agent would write.
+tests/e2e/test_trace_diff.py checks the same verdicts against real packets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from agent.compiler import Settings, Snapshot, compile_ruleset
+from agent.compiler.spoof import eui64_link_local
+from agent.dataplane.ruleset import Hook, Ruleset, Table
+from agent.model import Policy, parse_policy
+from agent.trace import (
+    ACCEPT,
+    CONTINUE,
+    DROP,
+    UNDECIDED,
+    Packet,
+    Probe,
+    Trace,
+    parse_rule,
+    resolve,
+    trace,
+)
+
+MAC = {"web": "fa:16:3e:00:00:02", "client": "fa:16:3e:00:00:03",
+       "outsider": "fa:16:3e:00:00:04", "quiet": "fa:16:3e:00:00:05"}
+DEVICES = frozenset({"tapweb", "tapclient", "tapoutsider", "tapquiet", "tapstranger"})
+BRIDGES = {device: "br0" for device in DEVICES}
+
+
+def rule(direction: str, protocol: str | None = None, port: int | None = None,
+         **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"direction": direction, "ethertype": extra.pop("ethertype", "IPv4")}
+    if protocol:
+        out["protocol"] = protocol
+    if port is not None:
+        out.update(port_range_min=port, port_range_max=port)
+    return {**out, **extra}
+
+
+def vm(name: str, ip: str, *groups: str, **extra: Any) -> dict[str, Any]:
+    return {"id": f"port-{name}", "device": f"tap{name}", "mac_address": MAC.get(name,
+            "fa:16:3e:00:00:99"), "fixed_ips": [ip], "security_groups": list(groups), **extra}
+
+
+RAW_POLICY = {
+    "security_groups": {
+        "sg-web": [rule("ingress", "tcp", 80),
+                   rule("ingress", "tcp", 5432, remote_group_id="sg-client"),
+                   rule("egress"), rule("egress", ethertype="IPv6")],
+        "sg-client": [rule("ingress", "icmp"), rule("egress"), rule("egress", ethertype="IPv6")],
+        "sg-quiet": [rule("ingress", "udp", 53, stateful=False),
+                     rule("egress", stateful=False)],
+    },
+    "ports": [vm("web", "10.0.0.2", "sg-web") | {"fixed_ips": ["10.0.0.2", "fd00::2"]},
+              vm("client", "10.0.0.3", "sg-client"),
+              vm("outsider", "10.0.0.4", "sg-web"),
+              vm("quiet", "10.0.0.5", "sg-quiet"),
+              vm("remote", "10.0.0.9", "sg-client")],   # a member on another node
+    "sg_member_ips": {"sg-client": {"IPv4": [["10.0.0.3", None], ["10.0.0.9", None]]}},
+}
+POLICY: Policy = parse_policy(RAW_POLICY)
+RULESET: Ruleset = compile_ruleset(Snapshot(POLICY, DEVICES, Settings(), BRIDGES,
+                                            {"br0": 4097})).ruleset
+
+
+def probe(port: str, proto: str, **fields: Any) -> tuple[Trace, Packet]:
+    packet = resolve(Probe(port, proto, **fields), POLICY, DEVICES, BRIDGES).packet
+    return trace(RULESET, packet), packet
+
+
+def effects(result: Trace) -> list[tuple[str, str]]:
+    return [(step.chain, step.effect) for step in result.steps]
+
+
+def test_policy_parsed_cleanly() -> None:
+    assert POLICY.errors == ()
+
+
+# ---------------------------------------------------------------- verdicts
+
+def test_allowed_tcp_port_is_accepted_through_the_group_chain_and_the_mark() -> None:
+    result, packet = probe("tapweb", "tcp", src="10.0.0.3", dport=80)
+    assert (packet.hook, packet.physdev_in, packet.physdev_out) == \
+        ("FORWARD", "tapclient", "tapweb")
+    assert result.verdict == ACCEPT
+    assert result.reason == "accepted in filter/hostfw-sg-chain (both ends passed)"
+    steps = effects(result)
+    i = steps.index(("hostfw-gi4-sg-web", "go to hostfw-accept"))
+    assert steps[i + 1:i + 4] == [("hostfw-accept", "mark is now 0x1000000"),
+                                  ("hostfw-accept", "end of chain, back to hostfw-iweb"),
+                                  ("hostfw-iweb", "RETURN to hostfw-sg-chain")]
+    returned = result.steps[i + 3].rule or ""
+    assert "-m mark --mark 0x1000000/0x1000000" in returned
+    # The group rule that allowed it is the one for port 80.
+    assert "--dport 80" in (result.steps[i].rule or "")
+
+
+def test_closed_port_is_dropped_by_the_fallback() -> None:
+    result, _ = probe("tapweb", "tcp", src="10.0.0.3", dport=81)
+    assert result.verdict == DROP
+    assert effects(result)[-3:] == [("hostfw-gi4-sg-web", "end of chain, back to hostfw-iweb"),
+                                    ("hostfw-iweb", "jump to hostfw-sg-fallback"),
+                                    ("hostfw-sg-fallback", DROP)]
+    assert "default drop for unmatched traffic" in result.reason
+
+
+def test_unknown_device_is_dropped_by_the_dispatch_tree() -> None:
+    result, packet = probe("tapstranger", "icmp", direction="egress", src="10.0.0.77",
+                           dst="10.0.0.3")
+    assert packet.physdev_in == "tapstranger" and packet.src_mac is None
+    assert result.verdict == DROP
+    last = result.steps[-1]
+    assert (last.chain, last.effect) == ("hostfw-from", DROP)
+    assert "unknown device" in result.reason
+
+
+def test_remote_group_member_is_accepted_and_a_non_member_dropped() -> None:
+    member, _ = probe("tapweb", "tcp", src="10.0.0.3", dport=5432)
+    assert member.verdict == ACCEPT
+    assert any("--match-set hfw4gsg-client src" in (s.rule or "") for s in member.steps)
+    stranger, _ = probe("tapweb", "tcp", src="10.0.0.4", dport=5432)
+    assert stranger.verdict == DROP
+    # A member on another node arrives from outside and is admitted by the ipset too.
+    remote, packet = probe("tapweb", "tcp", src="10.0.0.9", dport=5432)
+    assert packet.physdev_in is None and remote.verdict == ACCEPT
+    assert probe("tapweb", "tcp", src="10.0.0.50", dport=5432)[0].verdict == DROP
+
+
+def test_spoofed_source_is_dropped_in_the_spoof_chain() -> None:
+    honest, _ = probe("tapweb", "udp", direction="egress", dst="10.0.0.3", dport=9999)
+    assert honest.verdict == DROP  # sg-client does not open 9999, but the spoof check passed
+    assert ("hostfw-sweb", "RETURN to hostfw-oweb") in effects(honest)
+    forged, _ = probe("tapweb", "udp", direction="egress", src="10.0.0.200", dst="10.0.0.3",
+                      dport=9999)
+    assert forged.verdict == DROP
+    assert (forged.steps[-1].chain, forged.reason) == \
+        ("hostfw-sweb", "dropped in filter/hostfw-sweb (spoofed source)")
+    wrong_mac, _ = probe("tapweb", "icmp", direction="egress", dst="10.0.0.3",
+                         src_mac="fa:16:3e:99:99:99")
+    assert wrong_mac.steps[-1].chain == "hostfw-sweb" and wrong_mac.verdict == DROP
+    right_mac, _ = probe("tapweb", "icmp", direction="egress", dst="10.0.0.3")
+    assert right_mac.verdict == ACCEPT
+
+
+def test_ipv6_neighbour_discovery_is_allowed_and_echo_is_not() -> None:
+    client_ll = eui64_link_local(MAC["client"])
+    solicit, packet = probe("tapweb", "icmpv6", src=client_ll, dst="ff02::1:ff00:2",
+                            icmp_type=135)
+    assert packet.proto == "ipv6-icmp" and packet.physdev_in is None  # found by fixed IP only
+    assert solicit.verdict == ACCEPT
+    assert any("neighbour discovery and MLD" in (s.rule or "") for s in solicit.steps)
+    # From the client's own link-local address through its IPv6 spoof chain.
+    from_client, _ = probe("tapweb", "icmp", src=client_ll, dst="ff02::1:ff00:2",
+                           icmp_type=135, peer="tapclient")
+    assert from_client.verdict == ACCEPT
+    assert ("hostfw-sclient", "RETURN to hostfw-oclient") in effects(from_client)
+    echo, packet = probe("tapweb", "icmp", src="fd00::77")
+    assert (packet.proto, packet.icmp_type, echo.verdict) == ("ipv6-icmp", 128, DROP)
+
+
+def test_icmp_allowed_by_the_receiving_group() -> None:
+    ping, packet = probe("tapclient", "icmp", src="10.0.0.2")
+    assert (packet.icmp_type, ping.verdict) == (8, ACCEPT)
+    assert probe("tapweb", "icmp", src="10.0.0.3")[0].verdict == DROP
+
+
+def test_either_end_describes_the_same_packet() -> None:
+    ingress, to_web = probe("tapweb", "tcp", src="10.0.0.3", dport=80)
+    egress, from_client = probe("tapclient", "tcp", direction="egress", dst="10.0.0.2",
+                                dport=80)
+    assert to_web == from_client
+    assert ingress == egress
+
+
+def test_traffic_to_the_node_crosses_input_and_the_egress_chain() -> None:
+    allowed, packet = probe("tapweb", "udp", direction="egress", dst="10.0.0.1", dport=53,
+                            peer="node")
+    assert (packet.hook, packet.physdev_out) == ("INPUT", None)
+    assert allowed.verdict == CONTINUE  # hostfw let it through; INPUT's own rules decide
+    assert ("hostfw-INPUT", "jump to hostfw-from") in effects(allowed)
+    stranger, _ = probe("tapstranger", "udp", direction="egress", src="10.0.0.77",
+                        dst="10.0.0.1", dport=53, peer="node")
+    assert stranger.verdict == DROP
+    from_node, packet = probe("tapweb", "tcp", src="10.0.0.1", dport=81, peer="node")
+    assert (packet.hook, from_node.verdict) == ("OUTPUT", CONTINUE)
+
+
+def test_stateless_group_is_not_tracked() -> None:
+    query, packet = probe("tapquiet", "udp", src="10.0.0.50", sport=40000, dport=53,
+                          ctstate="ESTABLISHED")
+    assert query.verdict == ACCEPT
+    assert effects(query)[1:3] == [
+        ("hostfw-PREROUTING", "not tracked: conntrack state UNTRACKED"),
+        # Only the first CT rule a packet meets counts: the bridge's zone rule does nothing.
+        ("hostfw-PREROUTING", "no effect: an earlier CT rule already set this packet's "
+                              "conntrack")]
+    # Without tracking an "established" reply has no session to ride on.
+    reply, _ = probe("tapquiet", "udp", src="10.0.0.50", sport=40000, dport=54,
+                     ctstate="ESTABLISHED")
+    assert reply.verdict == DROP
+
+
+def test_established_reply_rides_on_conntrack() -> None:
+    reply, _ = probe("tapweb", "tcp", src="10.0.0.3", sport=81, dport=40000,
+                     ctstate="ESTABLISHED")
+    assert reply.verdict == ACCEPT
+    assert any("known session" in (s.rule or "") for s in reply.steps)
+
+
+# ---------------------------------------------------------------- walker semantics
+
+def table(hooks: list[str], **chains: list[str]) -> Ruleset:
+    return Ruleset({(4, "filter"): Table(4, "filter", {k.replace("_", "-"): tuple(v)
+                                                        for k, v in chains.items()},
+                                         tuple(Hook("FORWARD", h) for h in hooks))})
+
+
+PLAIN = Packet(hook="FORWARD", family=4, proto="tcp", src="10.0.0.3", dst="10.0.0.2",
+               dport=80, physdev_in="tapclient", physdev_out="tapweb", in_iface="br0",
+               out_iface="br0", src_mac=MAC["client"])
+
+
+def test_goto_returns_to_the_last_jump_not_to_the_goto() -> None:
+    ruleset = table(["-j hostfw-a", "-j hostfw-z"],
+                    hostfw_a=["-g hostfw-b", "-j DROP"],
+                    hostfw_b=["-j hostfw-c", "-j RETURN", "-j DROP"],
+                    hostfw_c=["-p udp -j DROP"],
+                    hostfw_z=["-j ACCEPT"])
+    result = trace(ruleset, PLAIN)
+    assert effects(result) == [
+        ("FORWARD", "jump to hostfw-a"),
+        ("hostfw-a", "go to hostfw-b"),
+        ("hostfw-b", "jump to hostfw-c"),
+        ("hostfw-c", "end of chain, back to hostfw-b"),
+        ("hostfw-b", "RETURN to FORWARD"),      # hostfw-a's DROP is never reached
+        ("FORWARD", "jump to hostfw-z"),
+        ("hostfw-z", ACCEPT),
+    ]
+    assert result.verdict == ACCEPT
+
+
+def test_falling_off_our_hooks_continues() -> None:
+    result = trace(table(["-j hostfw-a"], hostfw_a=["-s 192.0.2.0/24 -j DROP"]), PLAIN)
+    assert result.verdict == CONTINUE
+    assert "the rest of filter/FORWARD" in result.reason
+
+
+def test_mark_is_set_with_xmark_semantics() -> None:
+    ruleset = table(["-j hostfw-a"], hostfw_a=[
+        "-j MARK --set-xmark 0x3/0xff", "-j MARK --set-xmark 0x0/0x1",
+        "-m mark ! --mark 0x2/0x2 -j DROP", "-m mark --mark 0x2/0xff -j ACCEPT"])
+    result = trace(ruleset, replace(PLAIN, mark=0x100))
+    assert [e for _, e in effects(result)][1:3] == ["mark is now 0x103", "mark is now 0x102"]
+    assert result.verdict == ACCEPT
+
+
+def test_unknown_match_module_cannot_be_decided_unless_another_condition_fails() -> None:
+    ruleset = table(["-j hostfw-a"], hostfw_a=[
+        "-p udp -m hashlimit --hashlimit-upto 5/sec -j DROP",     # tcp: cannot match anyway
+        "-m hashlimit --hashlimit-upto 5/sec -j ACCEPT"])
+    result = trace(ruleset, PLAIN)
+    assert result.verdict == UNDECIDED
+    assert "-m hashlimit is not modelled" in result.reason
+    assert result.steps[-1].effect.startswith("cannot decide")
+
+
+def test_unknown_target_cannot_be_decided() -> None:
+    result = trace(table(["-j hostfw-a"], hostfw_a=["-j LOG --log-prefix x"]), PLAIN)
+    assert result.verdict == UNDECIDED
+    assert "target LOG --log-prefix x is neither modelled" in result.reason
+
+
+def test_what_the_packet_description_lacks_is_not_guessed() -> None:
+    no_mac = trace(RULESET, replace(PLAIN, src_mac=None))
+    assert no_mac.verdict == UNDECIDED
+    assert "MAC address is not known" in no_mac.reason
+    source_port = table(["-j hostfw-a"], hostfw_a=["-p tcp -m tcp --sport 2000 -j DROP"])
+    assert trace(source_port, PLAIN).verdict == UNDECIDED         # any unprivileged port
+    assert trace(source_port, replace(PLAIN, sport=2001)).verdict == CONTINUE
+    privileged = table(["-j hostfw-a"], hostfw_a=["-p tcp -m tcp --sport 68 -j DROP"])
+    assert trace(privileged, PLAIN).verdict == CONTINUE
+
+
+def test_physdev_follows_the_kernel() -> None:
+    ruleset = Ruleset({(4, "filter"): Table(4, "filter", {"hostfw-a": (
+        "-m physdev --physdev-out tapweb -j DROP",          # output port unknown at INPUT: true
+    )}, (Hook("INPUT", "-j hostfw-a"),))})
+    to_node = replace(PLAIN, hook="INPUT", physdev_out=None, out_iface=None)
+    assert trace(ruleset, to_node).verdict == DROP
+    from_node = replace(PLAIN, hook="OUTPUT", physdev_in=None, physdev_out=None)
+    only_negated = Ruleset({(4, "filter"): Table(4, "filter", {"hostfw-a": (
+        "-m physdev --physdev-is-bridged -j DROP", "-m physdev ! --physdev-in tap+ -j ACCEPT",
+    )}, (Hook("OUTPUT", "-j hostfw-a"),))})
+    assert trace(only_negated, from_node).verdict == ACCEPT
+    uplink = table(["-j hostfw-a"], hostfw_a=["-m physdev --physdev-in eth+ -j DROP"])
+    assert trace(uplink, replace(PLAIN, physdev_in=None)).verdict == UNDECIDED
+
+
+def test_parse_rule_reads_iptables_save_text() -> None:
+    parsed = parse_rule('! -s 10.0.0.0/8 -p udp -m comment --comment "0123abcd DHCP client" '
+                        '-m physdev --physdev-in tap+ ! --physdev-is-bridged '
+                        '-m multiport --dports 1:5,7 -g hostfw-x')
+    assert [(o.negated, o.name, o.args) for o in parsed.ip] == \
+        [(True, "-s", ("10.0.0.0/8",)), (False, "-p", ("udp",))]
+    assert parsed.comment == "DHCP client"
+    assert [m for m, _ in parsed.modules] == ["comment", "physdev", "multiport"]
+    physdev = parsed.modules[1][1]
+    assert [(o.negated, o.name) for o in physdev] == \
+        [(False, "--physdev-in"), (True, "--physdev-is-bridged")]
+    assert (parsed.target, parsed.goto) == ("hostfw-x", True)
+
+
+# ---------------------------------------------------------------- resolving a probe
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"port": "nope"}, "no port with id or device 'nope'"),
+    ({"direction": "sideways"}, "direction 'sideways'"),
+    ({"proto": "any"}, "'any' cannot be traced"),
+    ({"src": None}, "give --src or --dst"),
+    ({"dst": "fd00::2"}, "different families"),
+    ({"peer": "tapweb"}, "the peer is the traced port itself"),
+    ({"src": None, "dst": "10.0.0.2", "peer": "tapstranger"}, "has no IPv4 address"),
+])
+def test_resolve_says_what_is_wrong(fields: dict[str, Any], message: str) -> None:
+    base: dict[str, Any] = {"port": "tapweb", "proto": "tcp", "src": "10.0.0.3"}
+    with pytest.raises(ValueError, match=message):
+        resolve(Probe(**{**base, **fields}), POLICY, DEVICES, BRIDGES)
+
+
+def test_resolve_finds_a_port_that_is_not_on_this_node() -> None:
+    absent = parse_policy({**RAW_POLICY, "ports": [*RAW_POLICY["ports"],
+                                                  vm("gone", "10.0.0.8", "sg-web")]})
+    with pytest.raises(ValueError, match="has no device on this node"):
+        resolve(Probe("port-gone", "tcp", src="10.0.0.3"), absent, DEVICES, BRIDGES)
