@@ -99,9 +99,10 @@ class TablePlan:
     def lines(self) -> list[str]:
         out = [f":{name} - [0:0]" for name in self.rewrites]
         out += [f"-A {name} {spec}" for name, rules in self.rewrites.items() for spec in rules]
-        # Inserting at the top in reverse keeps several new hooks in their given order.
-        out += [f"-I {chain} 1 {spec}" for chain, spec in reversed(self.hook_inserts)]
+        # Deletes first (a delete by spec removes the first match), then inserts at
+        # the top in reverse, which keeps several hooks in their given order.
         out += [f"-D {chain} {spec}" for chain, spec in self.hook_deletes]
+        out += [f"-I {chain} 1 {spec}" for chain, spec in reversed(self.hook_inserts)]
         out += [f"-F {name}" for name in self.flushes]
         out += [f"-X {name}" for name in self.deletes]
         return out
@@ -114,11 +115,11 @@ class TablePlan:
         chains = kernel.chains
         for name, rules in self.rewrites.items():
             chains[name] = list(rules)
-        for chain, spec in reversed(self.hook_inserts):
-            chains.setdefault(chain, []).insert(0, spec)
         for chain, spec in self.hook_deletes:
             if spec in chains.get(chain, []):
                 chains[chain].remove(spec)
+        for chain, spec in reversed(self.hook_inserts):
+            chains.setdefault(chain, []).insert(0, spec)
         for name in self.flushes:
             chains[name] = []
         for name in self.deletes:
@@ -142,19 +143,25 @@ def plan_table(desired: Table | None, actual: KernelTable | None, family: int, t
     stale = sorted(name for name in have_owned if name not in want)
 
     hooks = desired.hooks if desired else ()
-    wanted_hooks = {(h.chain, h.spec) for h in hooks}
+    wanted: dict[str, list[str]] = {}
     for hook in hooks:
-        count = have.get(hook.chain, []).count(hook.spec)
-        if count == 0:
-            plan.hook_inserts.append((hook.chain, hook.spec))
-        plan.hook_deletes += [(hook.chain, hook.spec)] * max(0, count - 1)
+        wanted.setdefault(hook.chain, []).append(hook.spec)
     for chain, rules in have.items():
         if chain not in BUILTIN_CHAINS:
             continue
-        for spec in rules:
-            target = jump_target(spec)
-            if target and owns(target) and (chain, spec) not in wanted_hooks:
-                plan.hook_deletes.append((chain, spec))
+        want = wanted.get(chain, [])
+        ours = [spec for spec in rules
+                if (target := jump_target(spec)) is not None and owns(target)]
+        plan.hook_deletes += [(chain, spec) for spec in ours if spec not in want]
+        kept = [spec for spec in ours if spec in want]
+        if kept != want:
+            # Missing, duplicated or out of order: our hooks in this built-in are
+            # removed and put back in order, in the same transaction.
+            plan.hook_deletes += [(chain, spec) for spec in kept]
+            plan.hook_inserts += [(chain, spec) for spec in want]
+    for chain, specs in wanted.items():
+        if chain not in have:  # a built-in the kernel has not shown yet (fresh table)
+            plan.hook_inserts += [(chain, spec) for spec in specs]
 
     # A stale chain still referenced from a foreign chain cannot be deleted
     # without touching that chain; leave it (emptied) rather than fail the table.
