@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,9 +36,8 @@ from oslo_log import log as oslo_logging
 from agent import config, netns
 from agent.admin.server import AdminServer
 from agent.compiler import Compiled, NatSettings, Settings, Snapshot, compile_ruleset, zones
-from agent.compiler.flows import flows_to_cut
+from agent.compiler.flows import floating_ip_cuts, flows_to_cut
 from agent.compiler.names import Names
-from agent.dataplane import conntrack
 from agent.dataplane.command import KernelWriteError
 from agent.dataplane.engine import ApplyReport, Engine
 from agent.dataplane.flowcut import cut_flows
@@ -346,11 +345,12 @@ class Agent:
             return False, False
         self.state.record_apply(compiled, report)
         self.metrics.applied(report, compiled, self.state.generation)
-        cut_errors = cut_flows(flows_to_cut(self.last_snapshot, snapshot))
+        cut_errors = cut_flows(flows_to_cut(self.last_snapshot, snapshot) +
+                               floating_ip_cuts(self.floating_ips, compiled.floating_ips))
         self.last_snapshot = snapshot
+        self.floating_ips = dict(compiled.floating_ips)
         for error in cut_errors:
             LOG.warning("%s", error)
-        self._forget_floating_ips(compiled.floating_ips)
         for warning in report.warnings:
             LOG.warning("%s", warning)
         if report.changed:
@@ -359,20 +359,6 @@ class Agent:
                      report.chains_written, report.lines_written, report.ipset_members_added,
                      report.ipset_members_removed, report.seconds, report.in_sync)
         return True, report.changed
-
-    def _forget_floating_ips(self, applied: Mapping[str, str]) -> None:
-        """Cut the flows of floating IPs whose NAT the apply just removed or moved.
-
-        Their conntrack entries still carry the old translation, so without
-        this an established flow through a removed floating IP lives on.
-        """
-        for ip in sorted(ip for ip, fixed in self.floating_ips.items()
-                         if applied.get(ip) != fixed):
-            try:
-                conntrack.delete_flows(ip)
-            except KernelWriteError as exc:
-                LOG.warning("conntrack cleanup of floating IP %s failed: %s", ip, exc)
-        self.floating_ips = dict(applied)
 
     def _snapshot(self, policy: Policy) -> Snapshot:
         """The compiler's input; zones are allocated here so they stay stable."""

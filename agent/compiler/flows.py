@@ -18,6 +18,7 @@ that is still allowed is picked up again as new.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agent.compiler.inputs import Snapshot
@@ -26,7 +27,7 @@ from agent.model import Port, Rule
 
 @dataclass(frozen=True)
 class FlowCut:
-    """`conntrack -D -f <family> [-p proto] [-s src] [-d dst] [-w zone]`."""
+    """`conntrack -D -f <family> [-p proto] [-s src] [-d dst] [--reply-dst R] [-w zone]`."""
 
     family: int
     proto: int | None = None
@@ -34,6 +35,23 @@ class FlowCut:
     dst: str | None = None
     zone: int | None = None
     reason: str = ""
+    reply_dst: str | None = None
+
+
+def floating_ip_cuts(old: Mapping[str, str], new: Mapping[str, str]) -> list[FlowCut]:
+    """Flows of floating IPs whose NAT went away or now maps elsewhere.
+
+    NAT is decided on a connection's first packet and kept in its conntrack
+    entry, so an established flow keeps the old translation unless its entry
+    goes: those DNATed from the floating IP (original destination) and those
+    SNATed to it (reply destination). nova cut by fixed IP, which also killed
+    the VM's flows that never used the floating IP.
+    """
+    cuts = []
+    for ip in sorted(ip for ip, fixed in old.items() if new.get(ip) != fixed):
+        why = f"floating IP {ip} removed or moved"
+        cuts += [FlowCut(4, dst=ip, reason=why), FlowCut(4, reply_dst=ip, reason=why)]
+    return cuts
 
 
 def flows_to_cut(old: Snapshot | None, new: Snapshot) -> list[FlowCut]:

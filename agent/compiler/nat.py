@@ -4,9 +4,9 @@ Rules of this room:
 
 1. Pure, like the rest of the compiler: a `Snapshot` in, a `NatResult` out.
    The one side effect NAT needs, forgetting the conntrack entries of a
-   floating IP that went away, belongs to the writer thread
-   (agent/dataplane/conntrack.py), driven by `NatResult.floating_ips` of two
-   successive compiles: this module only says which addresses are mapped.
+   floating IP that went away, is decided by agent/compiler/flows.py from
+   `NatResult.floating_ips` of two successive compiles and run by the writer
+   thread: this module only says which addresses are mapped.
 2. IPv4 only, as nova-network was: nothing here writes ip6tables.
 3. Off unless configured: with `Settings.nat` unset (no `[nat] fixed_range`)
    the result is empty, no nat chain exists, and `floating_ips` on ports are

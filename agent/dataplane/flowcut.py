@@ -26,6 +26,8 @@ def argv(cut: FlowCut) -> list[str]:
         args += ["-s", cut.src]
     if cut.dst:
         args += ["-d", cut.dst]
+    if cut.reply_dst:
+        args += ["--reply-dst", cut.reply_dst]
     if cut.zone is not None:
         args += ["-w", str(cut.zone)]
     return args

@@ -10,15 +10,14 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-import pytest
 from oslo_config import cfg
 
 from agent import config
 from agent.compiler import NatSettings, Settings, Snapshot, compile_ruleset
+from agent.compiler.flows import floating_ip_cuts
 from agent.compiler.names import MAX_CHAIN, Names
 from agent.compiler.nat import compile_nat
-from agent.dataplane import conntrack
-from agent.dataplane.command import KernelWriteError
+from agent.dataplane.flowcut import argv
 from agent.dataplane.plan import jump_target
 from agent.model import Policy, Port, parse_policy
 
@@ -332,24 +331,14 @@ def test_nat_refuses_per_bridge_conntrack_zones() -> None:
 
 # ---------------------------------------------------------------- conntrack
 
-def test_delete_flows_by_original_and_reply_destination(monkeypatch) -> None:
-    calls = []
-
-    def fake_run(argv, stdin=None):
-        calls.append(argv)
-        raise KernelWriteError(f"{' '.join(argv)} exited 1: conntrack v1.4.7 "
-                               f"(conntrack-tools): 0 flow entries have been deleted.")
-
-    monkeypatch.setattr(conntrack, "run", fake_run)
-    conntrack.delete_flows(FLOAT_A)      # nothing to delete is success
-    assert calls == [["conntrack", "-D", "-f", "ipv4", "--orig-dst", FLOAT_A],
-                     ["conntrack", "-D", "-f", "ipv4", "--reply-dst", FLOAT_A]]
-
-
-def test_delete_flows_reports_real_failures(monkeypatch) -> None:
-    def fake_run(argv, stdin=None):
-        raise KernelWriteError("conntrack: [Errno 2] No such file or directory")
-
-    monkeypatch.setattr(conntrack, "run", fake_run)
-    with pytest.raises(KernelWriteError):
-        conntrack.delete_flows(FLOAT_A)
+def test_removed_or_moved_floating_ips_cut_their_flows_both_ways() -> None:
+    old = {FLOAT_A: "10.0.0.5", "198.51.100.9": "10.0.0.6", "198.51.100.8": "10.0.0.7"}
+    new = {"198.51.100.9": "10.0.0.6", "198.51.100.8": "10.0.0.99"}   # A gone, .8 moved
+    cuts = floating_ip_cuts(old, new)
+    assert sorted(argv(c) for c in cuts) == sorted([
+        ["conntrack", "-D", "-f", "ipv4", "-d", "198.51.100.8"],
+        ["conntrack", "-D", "-f", "ipv4", "--reply-dst", "198.51.100.8"],
+        ["conntrack", "-D", "-f", "ipv4", "-d", FLOAT_A],
+        ["conntrack", "-D", "-f", "ipv4", "--reply-dst", FLOAT_A],
+    ])
+    assert floating_ip_cuts(new, new) == []
