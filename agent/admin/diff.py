@@ -100,10 +100,11 @@ def render(reply: dict[str, Any]) -> str:
             out.append(f"=== {name} {chain}: {label}")
             out += list(difflib.unified_diff(old, new, f"kernel {chain}", f"agent {chain}",
                                              lineterm="", n=2))[2:]
-        for hook in table["hooks_inserted"]:
-            out += [f"=== {name} hook: insert at the top", f"+{hook}"]
+        # The script's order: deletes first, so a misordered hook shows as a move.
         for hook in table["hooks_deleted"]:
             out += [f"=== {name} hook: delete", f"-{hook}"]
+        for hook in table["hooks_inserted"]:
+            out += [f"=== {name} hook: insert at the top", f"+{hook}"]
     for ipset in reply.get("ipsets", []):
         what = ("rebuild" if ipset["rebuild"] else "create" if ipset["create"]
                 else "destroy" if ipset["destroy"] else "members")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from agent.compiler import Settings, Snapshot, compile_ruleset
+from agent.compiler import NatSettings, Settings, Snapshot, compile_ruleset
 from agent.compiler.spoof import eui64_link_local
 from agent.dataplane.ruleset import Hook, Ruleset, Table
 from agent.model import Policy, parse_policy
@@ -213,6 +213,26 @@ def test_established_reply_rides_on_conntrack() -> None:
                      ctstate="ESTABLISHED")
     assert reply.verdict == ACCEPT
     assert any("known session" in (s.rule or "") for s in reply.steps)
+
+
+def test_with_nat_on_bridged_traffic_is_decided_and_translation_is_refused() -> None:
+    nat = NatSettings(fixed_range="10.0.0.0/24", routing_source_ip="203.0.113.1",
+                      metadata_host="127.0.0.1", dhcp_bridges=("br0",))
+    ruleset = compile_ruleset(Snapshot(POLICY, DEVICES, Settings(nat=nat), BRIDGES,
+                                       {"br0": 4097})).ruleset
+
+    def verdict(probe_: Probe) -> Trace:
+        return trace(ruleset, resolve(probe_, POLICY, DEVICES, BRIDGES).packet)
+
+    assert verdict(Probe("tapweb", "tcp", src="10.0.0.3", dport=80)).verdict == ACCEPT
+    assert verdict(Probe("tapweb", "tcp", src="10.0.0.3", dport=81)).verdict == DROP
+    dns = verdict(Probe("tapweb", "udp", direction="egress", dst="10.0.0.1", dport=53,
+                        peer="node"))
+    assert (dns.verdict, dns.reason) == \
+        (ACCEPT, "accepted in filter/hostfw-network-accept (a service of this node)")
+    metadata = verdict(Probe("tapweb", "tcp", direction="egress", dst="169.254.169.254",
+                             dport=80))
+    assert metadata.verdict == UNDECIDED and "target REDIRECT" in metadata.reason
 
 
 # ---------------------------------------------------------------- walker semantics
