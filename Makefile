@@ -10,7 +10,7 @@ STAMP       := $(VENV)/.installed
 SETUP_FILES := $(wildcard setup.cfg setup.py pyproject.toml)
 # ruff/pytest only get the directories that exist (some are written later).
 LINT_DIRS   := $(wildcard agent tests scripts demo)
-SH_FILES    := $(wildcard scripts/*.sh) .ci/run
+SH_FILES    := $(wildcard scripts/*.sh devstack/plugin.sh devstack/settings) .ci/run
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv test lint demo clean-netns
@@ -40,7 +40,7 @@ $(STAMP): $(SETUP_FILES) | $(PY)
 lint: venv
 	$(VENV)/bin/ruff check $(LINT_DIRS)
 	@if command -v shellcheck >/dev/null; then \
-	    echo "shellcheck $(SH_FILES)"; shellcheck $(SH_FILES); \
+	    echo "shellcheck $(SH_FILES)"; shellcheck -s bash $(SH_FILES); \
 	fi
 
 test: venv
