@@ -12,16 +12,18 @@ Rules of this room:
    `[agent] netns`) and closes the handle when done: no handle outlives a
    commit or can carry one namespace's table into another.
 3. One transaction per table, under the host's xtables lock: read the table,
-   replay the plan's operations in the order of `TablePlan.lines()`, commit
-   once. Any error discards the private copy (nothing reaches the kernel) and
-   raises KernelWriteError naming the chain and the rule. Rules are built
-   before the lock is taken, so the lock is held for read-modify-commit only.
+   run the plan's script (`TablePlan.lines()`, what iptables-restore would
+   run) line by line on that copy, commit once. Any error discards the copy
+   (nothing reaches the kernel) and raises KernelWriteError naming the chain
+   and the rule. Rules are built before the xtables lock is taken, so it is
+   held for read-modify-commit only.
 4. Generic translation. A rule spec is the canonical iptables-save text. It is
    read the way iptables reads it: header options (-s -d -i -o -p, with `!`),
    `-m NAME` followed by options handed to that extension's own parser in
    libxtables, then `-j`/`-g`. No extension is special-cased here, so any
    match or target iptables-restore accepts works, byte for byte the same.
-   A spec recurs on many ports, so each distinct spec is built once per commit.
+   A spec recurs on many ports, so each distinct spec, and each distinct
+   match or target in it, is parsed once and its bytes reused.
 5. stdout is never redirected. python-iptables reads parameters back by
    dup2-ing fd 1 to a pipe while an extension prints (`Rule.final_check`,
    attribute reads); another thread's output would be lost or, worse, parsed
@@ -37,11 +39,12 @@ import ctypes
 import re
 import socket
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 import iptc
-from iptc.xtables import xtables
+from iptc.xtables import XT_INV_PROTO, xt_align, xtables
 
 from agent import protocols
 from agent.dataplane.command import KernelWriteError, run
@@ -61,12 +64,19 @@ HEADER_OPTIONS = {"-s": "src", "--source": "src", "-d": "dst", "--destination": 
                   "-i": "in_interface", "--in-interface": "in_interface",
                   "-o": "out_interface", "--out-interface": "out_interface",
                   "-p": "protocol", "--protocol": "protocol"}
-MATCH_OPTIONS = ("-m", "--match")
-JUMP_OPTIONS = ("-j", "--jump")
-GOTO_OPTIONS = ("-g", "--goto")
+FLAGS = {"-m": "-m", "--match": "-m", "-j": "-j", "--jump": "-j", "-g": "-g", "--goto": "-g"}
 # Extensions whose parser resolves a name in the kernel (an ipset's index), so
 # their bytes are valid only while that object lives: never reused across commits.
 KERNEL_RESOLVED = frozenset({"set", "SET"})
+# getopt's has_arg values, libxtables' option type that takes no argument, and
+# the most values an old-style extension parser is given for one option.
+NO_ARGUMENT, REQUIRED_ARGUMENT = 0, 1
+XTTYPE_NONE = 0
+MAX_VALUES = 2
+# getopt's index into argv, which an old-style parser advances past extra values.
+OPTIND = ctypes.c_int.in_dll(ctypes.CDLL(None), "optind")
+# Distinct specs (or blobs, or names) a builder remembers before it starts over.
+MAX_CACHED_SPECS = 20_000
 
 
 class SpecError(ValueError):
@@ -91,14 +101,30 @@ class _Rule6(iptc.Rule6):
     tables: list[Any] = []  # shadows the probing property
 
 
-@dataclass
+@dataclass(frozen=True)
+class Segment:
+    """One `-m NAME` match or `-j`/`-g NAME` target of a spec, with its options."""
+
+    flag: str                                         # "-m", "-j" or "-g"
+    name: str
+    options: tuple[tuple[bool, str, tuple[str, ...]], ...] = ()  # (negated, --opt, values)
+
+
+@dataclass(frozen=True)
+class Blob:
+    """An extension's part of an entry: its bytes and how many of them a delete compares."""
+
+    data: bytes
+    usersize: int
+
+
+@dataclass(frozen=True)
 class Built:
     """One translated rule: the entry libiptc copies, and what must hold at commit."""
 
     entry: ctypes.Array[ctypes.c_ubyte]
-    jump: str | None          # the user chain it jumps or goes to, checked to exist
-    reusable: bool            # False when its bytes hold kernel-resolved indexes
-    mask: ctypes.Array[ctypes.c_ubyte] | None = None  # which bytes a delete compares
+    mask: ctypes.Array[ctypes.c_ubyte]  # the bytes a delete by exact match compares
+    jump: str | None                    # the user chain it jumps or goes to
 
 
 def tokenize(spec: str) -> list[tuple[str, bool]]:
@@ -109,18 +135,67 @@ def tokenize(spec: str) -> list[tuple[str, bool]]:
     iptables-save writes for a quote inside a comment.)
     """
     out = []
-    for match in TOKEN_RE.finditer(spec):
-        quoted, bare = match.groups()
-        if quoted is not None:
-            out.append((UNESCAPE_RE.sub(r"\1", quoted), True))
-        else:
+    for quoted, bare in TOKEN_RE.findall(spec):  # a bare word is never empty
+        if bare:
             out.append((bare, False))
+        else:
+            out.append((UNESCAPE_RE.sub(r"\1", quoted) if "\\" in quoted else quoted, True))
     return out
 
 
-def _is_value(token: tuple[str, bool]) -> bool:
-    text, quoted = token
-    return quoted or not (text.startswith("-") or text == "!")
+def split_spec(spec: str) -> tuple[list[tuple[str, bool, str]], list[Segment]]:
+    """A spec as header options [(field, negated, value)] and extension segments.
+
+    A token is a value when it is quoted or starts with neither `-` nor `!`;
+    every `--option` belongs to the `-m`/`-j`/`-g` before it; `!` negates
+    the option after it.
+    """
+    tokens = tokenize(spec)
+    header: list[tuple[str, bool, str]] = []
+    segments: list[Segment] = []
+    options: list[tuple[bool, str, tuple[str, ...]]] = []
+    negate = False
+    i = 0
+    while i < len(tokens):
+        text, quoted = tokens[i]
+        if quoted:
+            raise SpecError(f"unexpected value {text!r}")
+        i += 1
+        if text == "!":
+            if negate:
+                raise SpecError("two '!' in a row")
+            negate = True
+            continue
+        values = []
+        while i < len(tokens) and (tokens[i][1] or tokens[i][0][0] not in "-!"):
+            values.append(tokens[i][0])
+            i += 1
+        flag = FLAGS.get(text)
+        if flag is None and text.startswith("--") and text not in HEADER_OPTIONS:
+            if not segments:
+                raise SpecError(f"option {text} outside a -m match or -j target")
+            options.append((negate, text, tuple(values)))
+        elif len(values) != 1:
+            raise SpecError(f"{text} takes one argument, got {values}")
+        elif text in HEADER_OPTIONS:
+            header.append((HEADER_OPTIONS[text], negate, values[0]))
+        elif flag is None:
+            raise SpecError(f"unsupported option {text}")
+        elif negate:
+            raise SpecError(f"'!' cannot negate {text}")
+        else:
+            if segments:
+                segments[-1] = Segment(segments[-1].flag, segments[-1].name, tuple(options))
+            segments.append(Segment(flag, values[0]))
+            options = []
+        negate = False
+    if negate:
+        raise SpecError("'!' at the end")
+    if segments:
+        segments[-1] = Segment(segments[-1].flag, segments[-1].name, tuple(options))
+    if any(s.flag != "-m" for s in segments[:-1]):
+        raise SpecError("one -j/-g, after every -m")
+    return header, segments
 
 
 def protocol_number(word: str) -> int:
@@ -140,87 +215,92 @@ def protocol_number(word: str) -> int:
 class RuleBuilder:
     """Translates canonical rule specs of one family into libiptc entries.
 
+    An entry is the ip header, one blob per match and one for the target.
+    Each blob is made by the extension's own parser once per distinct
+    (protocol, segment) and reused: the protocol is the only header field an
+    extension parser reads (tcp, multiport, DNAT check it). Blobs of
+    `KERNEL_RESOLVED` extensions hold a kernel object's index, so they live
+    for one commit only (`begin`). One scratch rule and one Match/Target per
+    extension are reused (`reset()` between uses), because creating them is
+    most of python-iptables' cost.
     Use only under `_IPTC_LOCK` (libxtables keeps parser state in globals).
     """
 
     def __init__(self, family: int) -> None:
         self.family = family
-        self._rule_class = _Rule4 if family == 4 else _Rule6
+        self._rule: iptc.Rule = _Rule4() if family == 4 else _Rule6()
+        self._goto_flag = (iptc.ip4tc.ipt_ip.IPT_F_GOTO if family == 4
+                           else iptc.ip6tc.ip6t_ip6.IP6T_F_GOTO)
         self._xt = xtables(iptc.ip4tc.NFPROTO_IPV4 if family == 4 else iptc.ip6tc.NFPROTO_IPV6)
+        self._standard_target = iptc.Target(self._rule, "")
+        self._modules: dict[tuple[str, str], iptc.Match | iptc.Target] = {}
         self._is_extension: dict[str, bool] = {}
+        self._arity: dict[tuple[str, str, str], tuple[int, int] | None] = {}
+        self._blobs: dict[tuple[int, int, Segment], Blob] = {}
+        self._volatile: dict[tuple[int, int, Segment], Blob] = {}
+        self._specs: dict[str, Built] = {}
 
-    def build(self, spec: str) -> tuple[iptc.Rule, Built]:
-        """Translate `spec`; raise SpecError naming the offending token."""
-        try:
-            return self._build(spec)
-        except SpecError:
-            raise
-        except (iptc.XTablesError, iptc.IPTCError, ValueError, AttributeError,
-                TypeError) as exc:
-            raise SpecError(str(exc) or type(exc).__name__) from exc
+    def begin(self) -> None:
+        """Start a commit: forget kernel-resolved blobs; bound the caches."""
+        self._volatile.clear()
+        caches = (self._specs, self._blobs, self._is_extension)
+        if max(len(cache) for cache in caches) > MAX_CACHED_SPECS:
+            for cache in caches:
+                cache.clear()
 
-    def _build(self, spec: str) -> tuple[iptc.Rule, Built]:
-        tokens = tokenize(spec)
-        rule = self._rule_class()
-        module: iptc.Match | iptc.Target | None = None   # receives --options
-        jump: str | None = None
-        reusable = True
-        negate = False
-        i = 0
-        while i < len(tokens):
-            text, quoted = tokens[i]
-            if quoted:
-                raise SpecError(f"unexpected value {text!r}")
-            if text == "!":
-                if negate:
-                    raise SpecError("two '!' in a row")
-                negate = True
-                i += 1
-                continue
-            values = []
-            i += 1
-            while i < len(tokens) and _is_value(tokens[i]):
-                values.append(tokens[i][0])
-                i += 1
-            if text.startswith("--") and text not in HEADER_OPTIONS and text not in (
-                    *MATCH_OPTIONS, *JUMP_OPTIONS, *GOTO_OPTIONS):
-                if module is None:
-                    raise SpecError(f"option {text} outside a -m match or -j target")
-                try:
-                    module.set_parameter(text[2:], ["!", *values] if negate else values)
-                except (iptc.XTablesError, ValueError, AttributeError) as exc:
-                    raise SpecError(f"{module.name} {'! ' * negate}{text} "
-                                    f"{' '.join(values)}: {exc}") from exc
-                negate = False
-                continue
-            if module is not None:
-                self._final_check(module)
-                module = None
-            if len(values) != 1:
-                raise SpecError(f"{text} takes one argument, got {values}")
-            word = values[0]
-            if text in HEADER_OPTIONS:
-                self._set_header(rule, HEADER_OPTIONS[text], word, negate)
-            elif negate:
-                raise SpecError(f"'!' cannot negate {text}")
-            elif text in MATCH_OPTIONS:
-                module = rule.create_match(word)
-                reusable &= word not in KERNEL_RESOLVED
-            elif text in JUMP_OPTIONS or text in GOTO_OPTIONS:
-                if rule.target is not None:
-                    raise SpecError("more than one -j/-g")
-                module, jump = self._target(rule, word, goto=text in GOTO_OPTIONS)
-                reusable &= word not in KERNEL_RESOLVED
-            else:
-                raise SpecError(f"unsupported option {text}")
-            negate = False
-        if negate:
-            raise SpecError("'!' at the end")
-        if module is not None:
-            self._final_check(module)
-        if rule.target is None:  # a rule without -j only counts packets
-            rule.target = iptc.Target(rule, "")
-        return rule, Built(rule.rule, jump, reusable)
+    def build(self, spec: str, chains: Collection[str] = ()) -> Built:
+        """Translate `spec`; raise SpecError naming the offending part.
+
+        `chains` are names known to be user chains (the plan's own): a jump to
+        one needs no search for a target extension of that name, which costs a
+        failed dlopen (~0.3 ms) per name. The answer is the same either way,
+        since iptables refuses to create a chain named like a target.
+        """
+        built = self._specs.get(spec)
+        if built is None:
+            try:
+                built, reusable = self._build(spec, chains)
+            except SpecError:
+                raise
+            except (iptc.XTablesError, iptc.IPTCError, ValueError, AttributeError,
+                    TypeError, LookupError) as exc:
+                raise SpecError(str(exc) or type(exc).__name__) from exc
+            if reusable:
+                self._specs[spec] = built
+        return built
+
+    def _build(self, spec: str, chains: Collection[str]) -> tuple[Built, bool]:
+        header, segments = split_spec(spec)
+        rule = self._rule
+        rule.rule = None  # a fresh, zeroed entry header
+        for field, negate, word in header:
+            self._set_header(rule, field, word, negate)
+        ip = rule.get_ip()
+        target = segments.pop() if segments and segments[-1].flag != "-m" else None
+        if target is not None and target.flag == "-g":
+            ip.flags |= self._goto_flag
+        blobs = [self._blob(segment) for segment in segments]
+        jump = None
+        if target is None:  # a rule without -j only counts packets
+            blobs.append(self._standard(""))
+        elif self._is_standard(target, chains):
+            blobs.append(self._standard(target.name))
+            jump = None if target.name in VERDICTS else target.name
+        else:
+            blobs.append(self._blob(target))
+        entry = rule.entry
+        entry_size = xt_align(ctypes.sizeof(entry))
+        entry.target_offset = entry_size + sum(len(b.data) for b in blobs[:-1])
+        entry.next_offset = entry.target_offset + len(blobs[-1].data)
+        data = ctypes.string_at(ctypes.addressof(entry), entry_size)
+        mask = b"\xff" * entry_size
+        for blob in blobs:
+            data += blob.data
+            mask += b"\xff" * blob.usersize + b"\0" * (len(blob.data) - blob.usersize)
+        array = ctypes.c_ubyte * len(data)
+        reusable = not any(s.name in KERNEL_RESOLVED for s in segments) and not (
+            target and target.name in KERNEL_RESOLVED)
+        return Built(array.from_buffer_copy(data), array.from_buffer_copy(mask), jump), reusable
 
     def _set_header(self, rule: iptc.Rule, field: str, word: str, negate: bool) -> None:
         """-s/-d/-i/-o through python-iptables' setters; -p as iptables sets it."""
@@ -230,34 +310,75 @@ class RuleBuilder:
         ip = rule.get_ip()
         ip.proto = protocol_number(word)
         if negate:
-            ip.invflags |= iptc.xtables.XT_INV_PROTO
+            ip.invflags |= XT_INV_PROTO
         if self.family == 6:
             # ip6tables flags the protocol as set even when negated; python-iptables does not.
             ip.flags |= iptc.ip6tc.ip6t_ip6.IP6T_F_PROTO
 
-    def _target(self, rule: iptc.Rule, name: str,
-                goto: bool) -> tuple[iptc.Target | None, str | None]:
-        """The target for `-j name`/`-g name`: (module taking options, chain jumped to).
+    def _blob(self, segment: Segment) -> Blob:
+        """The bytes of one match or extension target, as the extension parses them."""
+        ip = self._rule.get_ip()
+        key = (ip.proto, ip.invflags & XT_INV_PROTO, segment)
+        cache = self._volatile if segment.name in KERNEL_RESOLVED else self._blobs
+        blob = cache.get(key)
+        if blob is not None:
+            return blob
+        module = self._modules.get((segment.flag, segment.name))
+        if module is None:
+            module = self._modules[(segment.flag, segment.name)] = (
+                iptc.Match(self._rule, segment.name) if segment.flag == "-m"
+                else iptc.Target(self._rule, segment.name))
+        else:
+            module.reset()
+        for negate, option, values in segment.options:
+            what = f"{segment.name}: {'! ' * negate}{option} {' '.join(values)}".rstrip()
+            arity_key = (segment.flag, segment.name, option)
+            if arity_key not in self._arity:
+                self._arity[arity_key] = _option_arity(module, option[2:])
+            arity = self._arity[arity_key]
+            if arity is None:
+                raise SpecError(f"{what}: {segment.name} has no option {option}")
+            if not arity[0] <= len(values) <= arity[1]:
+                raise SpecError(f"{what}: takes {arity[0]} to {arity[1]} values")
+            try:
+                module.set_parameter(option[2:], ["!", *values] if negate else list(values))
+            except (iptc.XTablesError, ValueError, AttributeError, LookupError) as exc:
+                raise SpecError(f"{what}: {exc}") from exc
+            # python-iptables points optind at the last value; a parser reading a
+            # second value moves it one further. Any other count was not all read.
+            if OPTIND.value != len(values) + (len(values) > 1):
+                raise SpecError(f"{what}: {segment.name} reads "
+                                f"{'two values' if len(values) < 2 else 'one value'} here")
+        self._final_check(module)
+        struct = module.match if isinstance(module, iptc.Match) else module.target
+        blob = cache[key] = Blob(ctypes.string_at(ctypes.addressof(struct), module.size),
+                                 module.usersize)
+        return blob
 
-        Like iptables: an extension of that name wins, else it is a chain (whose
-        existence is checked in the table at commit time, where it may be created).
-        """
-        if name in VERDICTS:
-            rule.target = iptc.Target(rule, name, goto=goto)
-            return None, None
-        if not goto and self._extension_exists(name):
-            target = iptc.Target(rule, name, goto=False)
-            rule.target = target
-            return target, None
-        target = iptc.Target(rule, "", goto=goto)  # the standard target...
-        target.standard_target = name              # ...naming the chain
-        rule.target = target
-        return None, name
+    def _standard(self, name: str) -> Blob:
+        """The standard target: a verdict, a chain to jump or go to, or "" (none)."""
+        key = (0, 0, Segment("-j", name))
+        blob = self._blobs.get(key)
+        if blob is None:
+            target = self._standard_target
+            target.target.u.user.name = name.encode()
+            blob = self._blobs[key] = Blob(
+                ctypes.string_at(ctypes.addressof(target.target), target.size), target.usersize)
+        return blob
 
-    def _extension_exists(self, name: str) -> bool:
-        if name not in self._is_extension:
-            self._is_extension[name] = bool(self._xt.find_target(name))
-        return self._is_extension[name]
+    def _is_standard(self, target: Segment, chains: Collection[str]) -> bool:
+        """Whether the target is a verdict or a chain: iptables' order, extensions first."""
+        if target.flag == "-g" or target.name in VERDICTS:
+            if target.options:
+                raise SpecError(f"{target.flag} {target.name} takes no options")
+            return True
+        if target.options:  # only an extension takes options
+            return False
+        if target.name in chains:
+            return True
+        if target.name not in self._is_extension:
+            self._is_extension[target.name] = bool(self._xt.find_target(target.name))
+        return not self._is_extension[target.name]
 
     @staticmethod
     def _final_check(module: iptc.Match | iptc.Target) -> None:
@@ -273,6 +394,36 @@ class RuleBuilder:
             raise SpecError(f"{module.name}: {exc}") from exc
 
 
+def _option_arity(module: iptc.Match | iptc.Target, option: str) -> tuple[int, int] | None:
+    """How many values the extension's `--option` takes, (least, most); None: no such option.
+
+    iptables asks getopt, which reads the extension's option table. python-
+    iptables does not: it hands the extension a NULL argument for an option
+    given without one (an extension expecting one then crashes the process)
+    and silently drops values a parser does not read. So read the same table
+    first (python-iptables 1.2 keeps the extension in `_module`, an alias's
+    own options in `_orig_options`). Guided (x6) options take one value at
+    most; an old-style parser may read more (`--match-set NAME src`).
+    """
+    name = option.encode()
+    ext = module._module
+    table = module._orig_options or (getattr(ext, "x6_options", None)
+                                     if getattr(ext, "x6_parse", None) else None)
+    i = 0
+    while table and table[i].name:
+        if table[i].name == name:
+            return (0, 0) if table[i].type == XTTYPE_NONE else (1, 1)
+        i += 1
+    opts = None if table else ext.extra_opts
+    i = 0
+    while opts and opts[i].name:
+        if opts[i].name == name:
+            return {NO_ARGUMENT: (0, 0), REQUIRED_ARGUMENT: (1, MAX_VALUES)}.get(
+                opts[i].has_arg, (0, MAX_VALUES))
+        i += 1
+    return None
+
+
 class IptcBackend:
     """The `iptc` backend: libiptc through python-iptables, legacy tables only."""
 
@@ -280,8 +431,8 @@ class IptcBackend:
 
     def __init__(self, lock_timeout: float = 5.0) -> None:
         self.lock_timeout = lock_timeout
-        self._builders = {4: RuleBuilder(4), 6: RuleBuilder(6)}
-        self._reusable: dict[tuple[int, str], Built] = {}  # spec -> entry, across commits
+        with _IPTC_LOCK:
+            self._builders = {4: RuleBuilder(4), 6: RuleBuilder(6)}
 
     def save(self, family: int) -> str:
         return run([BINARIES[("iptables-legacy", family)] + "-save"])
@@ -291,46 +442,43 @@ class IptcBackend:
         with _IPTC_LOCK:
             built = self._build_all(plan)
             with xtables_lock(self.lock_timeout):
-                table = (iptc.Table if plan.family == 4 else iptc.Table6)(
-                    plan.table, autocommit=False)
+                table = None
                 try:
-                    table.refresh()
+                    table = (iptc.Table if plan.family == 4 else iptc.Table6)(
+                        plan.table, autocommit=False)  # a process-wide singleton
+                    table.refresh()  # read the table through this thread's namespace
                     _Replay(table, plan, built).run()
                     table.commit()
-                except iptc.IPTCError as exc:
-                    raise KernelWriteError(f"{plan.table} v{plan.family}: {exc}") from exc
+                except iptc.IPTCError as exc:  # reading or committing the whole table
+                    chains = ", ".join(list(plan.rewrites)[:8]) or "none"
+                    raise KernelWriteError(f"{plan.table} v{plan.family}: {exc} (chains "
+                                           f"rewritten in this transaction: {chains})") from exc
                 finally:
-                    table.close()  # frees the copy; uncommitted changes are dropped
+                    if table is not None:
+                        table.close()  # frees the copy; uncommitted changes are dropped
 
     def _build_all(self, plan: TablePlan) -> dict[str, Built]:
-        """Every spec the plan appends, inserts or deletes, each translated once."""
+        """Every spec the plan appends, inserts or deletes, translated before the lock."""
         builder = self._builders[plan.family]
+        builder.begin()
         specs = [(chain, spec) for chain, rules in plan.rewrites.items() for spec in rules]
         built: dict[str, Built] = {}
-        for chain, spec in specs + plan.hook_inserts:
+        for chain, spec in specs + plan.hook_inserts + plan.hook_deletes:
             if spec not in built:
-                built[spec] = self._reusable.get((plan.family, spec)) or \
-                    self._translate(builder, plan, chain, spec)[1]
-                if built[spec].reusable:
-                    self._reusable[(plan.family, spec)] = built[spec]
-        for chain, spec in plan.hook_deletes:  # rare: built afresh, with a compare mask
-            rule, fresh = self._translate(builder, plan, chain, spec)
-            fresh.mask = rule.mask
-            built[spec] = fresh
+                try:
+                    built[spec] = builder.build(spec, plan.rewrites.keys())
+                except SpecError as exc:
+                    raise KernelWriteError(f"{plan.table} v{plan.family}: chain {chain}: "
+                                           f"rule {spec!r}: {exc}") from exc
         return built
-
-    @staticmethod
-    def _translate(builder: RuleBuilder, plan: TablePlan, chain: str,
-                   spec: str) -> tuple[iptc.Rule, Built]:
-        try:
-            return builder.build(spec)
-        except SpecError as exc:
-            raise KernelWriteError(f"{plan.table} v{plan.family}: chain {chain}: "
-                                   f"rule {spec!r}: {exc}") from exc
 
 
 class _Replay:
-    """The plan's operations on one table handle, in `TablePlan.lines()` order."""
+    """The plan's script, `TablePlan.lines()`, run line by line on one table handle.
+
+    Replaying the very lines iptables-restore would run keeps the two backends'
+    order of operations the same, whatever plan.py decides it should be.
+    """
 
     def __init__(self, table: iptc.Table, plan: TablePlan, built: dict[str, Built]) -> None:
         self.table = table
@@ -339,32 +487,45 @@ class _Replay:
         self.chains_known: set[str] = set()
 
     def run(self) -> None:
-        table, plan = self.table, self.plan
-        for name in plan.rewrites:  # ":name - [0:0]": create, or flush if it exists
-            self._do(name, None, table.flush_entries if table.is_chain(name)
-                     else table.create_chain, name)
-        for name, rules in plan.rewrites.items():
-            for spec in rules:
-                self._do(name, spec, table.append_entry, name, self._entry(name, spec))
-        for chain, spec in reversed(plan.hook_inserts):
-            self._do(chain, spec, table.insert_entry, chain, self._entry(chain, spec), 0)
-        for chain, spec in plan.hook_deletes:
-            entry = self._entry(chain, spec)
-            self._do(chain, spec, table.delete_entry, chain, entry, self.built[spec].mask)
-        for name in plan.flushes:
-            self._do(name, None, table.flush_entries, name)
-        for name in plan.deletes:
-            self._do(name, None, table.delete_chain, name)
+        table = self.table
+        for line in self.plan.lines():
+            op, chain, rest = (line.split(" ", 2) + [""])[:3]
+            if op.startswith(":"):  # ":name - [0:0]": create, or flush if it exists
+                name = op[1:]
+                self._do(name, None, table.flush_entries if table.is_chain(name)
+                         else table.create_chain, name)
+            elif op == "-A":
+                self._do(chain, rest, table.append_entry, chain, self._checked(chain, rest).entry)
+            elif op == "-I":
+                position, _, spec = rest.partition(" ")
+                self._do(chain, spec, table.insert_entry, chain,
+                         self._checked(chain, spec).entry, int(position) - 1)
+            elif op == "-D":
+                built = self._checked(chain, rest)
+                self._do(chain, rest, table.delete_entry, chain, built.entry, built.mask)
+            elif op == "-F":
+                self._do(chain, None, table.flush_entries, chain)
+            elif op == "-X":
+                self._do(chain, None, table.delete_chain, chain)
+            else:
+                raise KernelWriteError(f"{self.plan.table} v{self.plan.family}: the iptc "
+                                       f"backend cannot run {line!r}")
 
-    def _entry(self, chain: str, spec: str) -> ctypes.Array[ctypes.c_ubyte]:
+    def _checked(self, chain: str, spec: str) -> Built:
+        """`spec`'s entry, once its jump target is known to be a user chain here.
+
+        libiptc would take an unknown name for a target extension and the
+        kernel would refuse the whole table without saying which rule.
+        """
         built = self.built[spec]
         if built.jump and built.jump not in self.chains_known:
             if not self.table.is_chain(built.jump) or self.table.builtin_chain(built.jump):
                 raise KernelWriteError(
                     f"{self.plan.table} v{self.plan.family}: chain {chain}: rule {spec!r} "
-                    f"jumps to {built.jump!r}, which is not a user chain of this table")
+                    f"jumps to {built.jump!r}, which is neither a user chain of this table "
+                    f"nor a target extension python-iptables can load for IPv{self.plan.family}")
             self.chains_known.add(built.jump)
-        return built.entry
+        return built
 
     def _do(self, chain: str, spec: str | None, op: Any, *args: Any) -> None:
         try:
