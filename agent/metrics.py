@@ -217,18 +217,19 @@ class Observer:
         self.ipset_member_changes.labels("remove").inc(report.ipset_members_removed)
         if report.drift_repaired:
             self.drift_repairs.inc()
-        self.last_apply.set_to_current_time()
+        wall, now = time.time(), self.clock()
+        self.last_apply.set(wall)
         applied = Applied.of(report, compiled, generation)
-        now = self.clock()
         with self._lock:
             taken, self._taken = self._taken, []
             first = self._applied is None
             self._applied = applied
-            self._last_apply_at = time.time()
+            self._last_apply_at = wall
         for kind, queued_at in taken:
             self.programming_seconds.labels(kind).observe(now - queued_at)
         sync = "in sync" if applied.in_sync else "NOT in sync with the kernel"
-        self._status(f"generation {generation}: {applied.ports_active} ports active, {sync}",
+        ports = f"{applied.ports_active} active port{'' if applied.ports_active == 1 else 's'}"
+        self._status(f"generation {generation}: {ports}, {sync}",
                      *(["READY=1"] if first else []))
 
     def apply_failed(self, error: str) -> None:
@@ -386,11 +387,11 @@ def parse_listen(value: str) -> tuple[str, int]:
     """`HOST:PORT` or `[V6]:PORT`; an empty HOST is every IPv4 address."""
     host, sep, port = value.strip().rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"[metrics] listen {value!r} is not HOST:PORT")
+        raise ValueError(f"{value!r} is not HOST:PORT")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        raise ValueError(f"[metrics] listen {value!r}: write an IPv6 host as [ADDR]:PORT")
+        raise ValueError(f"{value!r}: write an IPv6 host as [ADDR]:PORT")
     return host, int(port)
 
 
