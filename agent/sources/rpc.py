@@ -65,6 +65,15 @@ LOG = logging.getLogger(__name__)
 STOP_TIMEOUT = 3.0   # seconds `stop` gives the servers and the transport to close
 
 
+def describe(exc: Exception) -> str:
+    """One line for logs and status; a RemoteError's text carries the whole remote traceback."""
+    if isinstance(exc, messaging.RemoteError):
+        return f"the controller failed: {exc.exc_type}: {exc.value}"
+    if isinstance(exc, messaging.MessageUndeliverable):
+        return f"no controller consumes {rpc_api.PLUGIN_TOPIC} (the request was not routed)"
+    return f"{type(exc).__name__}: {exc}"
+
+
 class PullFailed(RuntimeError):
     """A pull did not complete (broker, controller or transport trouble); retried."""
 
@@ -190,6 +199,7 @@ class RpcSource(PolicySource):
         self._policy: Policy | None = None
         self._index = _Index()
         self._pull_started: float | None = None     # monotonic, while a pull runs
+        self._call_started: float | None = None     # monotonic, while one of its calls runs
         self._last_ok_started: float | None = None  # monotonic start of the last good pull
         self._last_ok_at: float | None = None       # wall clock, for status
         self._failing = False
@@ -243,6 +253,8 @@ class RpcSource(PolicySource):
 
     def stop(self) -> None:
         with self._cond:
+            if self._stopping:
+                return
             self._stopping = True
             self._cond.notify_all()
             servers = list(self._servers)
@@ -281,9 +293,9 @@ class RpcSource(PolicySource):
     # ------------------------------------------------------------ state (under _cond)
 
     def _stalled(self, now: float) -> bool:
-        """A pull stuck well past its timeout: the driver is waiting for the broker."""
-        return self._pull_started is not None and \
-            now - self._pull_started > self.opts.call_timeout + 1.0
+        """A call stuck well past its timeout: the driver is waiting for the broker."""
+        return self._call_started is not None and \
+            now - self._call_started > self.opts.call_timeout + 1.0
 
     def _is_connected(self, now: float) -> bool:
         return (self._listening and not self._failing and not self._stalled(now)
@@ -293,10 +305,10 @@ class RpcSource(PolicySource):
     def _error(self, now: float) -> str | None:
         broker_trouble = self._trouble_at > (self._last_ok_started or float("-inf"))
         if not self._listening:
-            return "connecting to the broker" + (f": {self._trouble}" if broker_trouble else "")
+            return f"cannot reach the broker: {self._trouble}" if broker_trouble else None
         if self._stalled(now):
-            assert self._pull_started is not None
-            return f"a pull has been waiting {now - self._pull_started:.0f} s for the broker"
+            assert self._call_started is not None
+            return f"a call has been waiting {now - self._call_started:.0f} s for the broker"
         if broker_trouble:
             return f"broker connection failed: {self._trouble}"
         return self._pull_error
@@ -422,9 +434,9 @@ class RpcSource(PolicySource):
 
     @staticmethod
     def _log_retry(retry_state: tenacity.RetryCallState) -> None:
-        assert retry_state.outcome is not None and retry_state.next_action is not None
-        LOG.warning("pull %d failed: %s; retrying in %.1f s", retry_state.attempt_number,
-                    retry_state.outcome.exception(), retry_state.next_action.sleep)
+        assert retry_state.next_action is not None
+        LOG.info("pull attempt %d failed; next attempt in %.1f s", retry_state.attempt_number,
+                 retry_state.next_action.sleep)
 
     def _pull_once(self) -> None:
         with self._cond:
@@ -436,16 +448,15 @@ class RpcSource(PolicySource):
         try:
             policy = self._fetch(devices)
         except MalformedReply as exc:
-            LOG.error("dropped the controller's reply: %s; keeping the policy in force", exc)
             self._pull_failed(f"bad reply from the controller: {exc}", asked, retry=False)
             return
-        except (messaging.MessagingException, OSError) as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+        except (messaging.MessagingException, messaging.MessageUndeliverable, OSError) as exc:
+            reason = describe(exc)
             self._pull_failed(reason, asked, retry=True)
             raise PullFailed(reason) from exc
         except Exception as exc:  # an unforeseen driver error: keep the puller alive
             LOG.exception("pull failed unexpectedly")
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = describe(exc)
             self._pull_failed(reason, asked, retry=True)
             raise PullFailed(reason) from exc
         with self._cond:
@@ -465,10 +476,11 @@ class RpcSource(PolicySource):
                 self._hand_over()
             self._resync_done = max(self._resync_done, asked)
             self._cond.notify_all()
-        LOG.debug("pulled %d devices in %.3f s (%s)", len(devices), time.monotonic() - started,
+        LOG.info("pulled %d devices in %.3f s (%s)", len(devices), time.monotonic() - started,
                   "changed" if changed else "unchanged")
 
     def _pull_failed(self, reason: str, asked: int, retry: bool) -> None:
+        LOG.warning("pull failed: %s", reason)
         with self._cond:
             self._pull_started = None
             self._pull_error = f"pull failed: {reason}"
@@ -484,15 +496,25 @@ class RpcSource(PolicySource):
         """Call security_group_info_for_devices chunk by chunk (once even for none).
 
         retry=0: fail fast and let the tenacity loop own the backoff, instead of
-        the driver retrying inside one call.
+        the driver retrying inside one call. at_least_once (AMQP `mandatory`):
+        a request nobody's queue takes, as right after a broker restart before
+        the controller re-declared q-plugin, fails at once with
+        MessageUndeliverable instead of waiting out the whole timeout.
         """
-        client = self._client.prepare(version=rpc_api.SG_INFO_VERSION,
-                                      timeout=self.opts.call_timeout, retry=0)
+        client = self._client.prepare(
+            version=rpc_api.SG_INFO_VERSION, timeout=self.opts.call_timeout, retry=0,
+            transport_options=messaging.TransportOptions(at_least_once=True))
         size = self.opts.chunk_size
         chunks = [devices[i:i + size] for i in range(0, len(devices), size)] or [[]]
         replies = []
-        for chunk in chunks:
-            reply = client.call(rpc_api.admin_context(), rpc_api.SG_INFO_METHOD,
-                                devices=chunk, call_version=rpc_api.SG_INFO_VERSION)
-            replies.append((chunk, reply))
+        try:
+            for chunk in chunks:
+                with self._cond:
+                    self._call_started = time.monotonic()
+                reply = client.call(rpc_api.admin_context(), rpc_api.SG_INFO_METHOD,
+                                    devices=chunk, call_version=rpc_api.SG_INFO_VERSION)
+                replies.append((chunk, reply))
+        finally:
+            with self._cond:
+                self._call_started = None
         return policy_from_replies(replies)

@@ -1,0 +1,217 @@
+"""hostfw-controller's pieces without a broker: reply, device mapping, diff, casts, watch."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from oslo_messaging.rpc.dispatcher import ExpectedException
+
+from agent.controller.diff import Notifications, diff
+from agent.controller.endpoint import SecurityGroupInfo, Snapshot, build_reply
+from agent.controller.notifier import AgentNotifier
+from agent.controller.watch import FileWatcher
+from agent.model import parse_port
+from agent.sources import rpc_api
+from agent.sources.policy_file import load_policy_text
+from agent.sources.rpc_messages import policy_from_replies
+from tests.support.agent import tool
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "hostfw" / "policy.example.yaml"
+
+
+def example() -> dict[str, Any]:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def load(raw: dict[str, Any]):  # noqa: ANN201 - agent.model.Policy
+    return load_policy_text(yaml.safe_dump(raw))
+
+
+# ---------------------------------------------------------------- reply
+
+@pytest.mark.parametrize("devices", [["tapweb1"], ["tapdb1"], ["tapweb1", "tapweb2", "tapdb1"],
+                                     ["tapweb1", "tapnobody"], []])
+def test_controller_and_agent_agree_with_standalone_mode(devices: list[str]) -> None:
+    """What the agent builds from the controller's reply is what standalone mode would use."""
+    standalone = load(example())
+    pulled = policy_from_replies([(devices, build_reply(Snapshot.of(standalone), devices))])
+    local = [p for p in standalone.ports if p.device in devices]
+    assert pulled.ports == tuple(local)
+    assert pulled.errors == ()
+    groups = {g for p in local for g in p.security_groups}
+    assert dict(pulled.groups) == {g: standalone.groups[g] for g in groups}
+    remotes = {r.remote_group_id for g in groups for r in standalone.groups[g]
+               if r.remote_group_id}
+    for group in remotes:
+        assert pulled.members[group] == standalone.members[group]
+
+
+def test_reply_has_neutrons_shape() -> None:
+    snap = Snapshot.of(load(example()))
+    reply = build_reply(snap, ["tapdb1"])
+    (port_id, port), = reply["devices"].items()
+    assert port["device"] == "tapdb1" and port["id"] == port_id
+    assert port["security_group_source_groups"] == ["sg-web"]
+    assert port["allowed_address_pairs"] == [{"ip_address": "10.0.0.99"}]
+    assert set(reply["security_groups"]) == {"sg-db"}
+    ssh = reply["security_groups"]["sg-db"][1]
+    assert ssh["source_ip_prefix"] == "10.0.0.11/32" and "remote_ip_prefix" not in ssh
+    assert ssh["protocol"] == "tcp" and ssh["stateful"] is True
+    # Members only for the remote group, only for the ethertypes its users need.
+    assert reply["sg_member_ips"] == {
+        "sg-web": {"IPv4": [["10.0.0.11", None], ["10.0.0.12", None]]}}
+
+
+def test_address_group_members_travel_in_sg_member_ips() -> None:
+    raw = example()
+    raw["address_groups"] = {"ag-admins": ["192.0.2.0/24", "2001:db8::/64"]}
+    raw["security_groups"]["sg-db"].append(
+        {"direction": "ingress", "ethertype": "IPv6", "remote_address_group_id": "ag-admins"})
+    reply = build_reply(Snapshot.of(load(raw)), ["tapdb1"])
+    assert reply["sg_member_ips"]["ag-admins"] == {"IPv6": [["2001:db8::/64", None]]}
+    pulled = policy_from_replies([(["tapdb1"], reply)])
+    assert pulled.address_groups == {"ag-admins": ("2001:db8::/64",)}
+
+
+def test_devices_map_to_ports_the_way_neutron_does() -> None:
+    raw = {"ports": [
+        {"id": "6f1c2a4e-aaaa-4000", "mac_address": "fa:16:3e:00:00:01"},
+        {"id": "6f1c2a4e-abbb-4000", "mac_address": "fa:16:3e:00:00:02"},
+        {"id": "77777777-0000", "mac_address": "fa:16:3e:00:00:03", "device": "vm7"},
+    ]}
+    snap = Snapshot.of(load(raw))
+    found = {d: (p.id if p else None) for d in
+             ("tap6f1c2a4e-aa", "tap6f1c2a4e-a", "tap6f1c2a4e-ab", "tap6f1c2a4e-",
+              "vm7", "tap77777777-00", "tap", "eth0")
+             for p in [snap.port_for(d)]}
+    assert found == {
+        "tap6f1c2a4e-aa": "6f1c2a4e-aaaa-4000",   # tap + id[:11]
+        "tap6f1c2a4e-a": None,                    # a prefix of two ids: ambiguous
+        "tap6f1c2a4e-ab": "6f1c2a4e-abbb-4000",   # a unique prefix
+        "tap6f1c2a4e-": None,
+        "vm7": "77777777-0000",                   # an explicit device
+        "tap77777777-00": "77777777-0000",        # Neutron's name still finds it
+        "tap": None, "eth0": None,
+    }
+    reply = build_reply(snap, ["tap6f1c2a4e-ab"])
+    assert reply["devices"]["6f1c2a4e-abbb-4000"]["device"] == "tap6f1c2a4e-ab"
+
+
+def test_endpoint_refuses_a_malformed_request_and_skips_bad_names() -> None:
+    endpoint = SecurityGroupInfo(lambda: Snapshot.of(load(example())))
+    with pytest.raises(ExpectedException):   # the caller gets ValueError, no server traceback
+        endpoint.security_group_info_for_devices({}, devices="tapweb1")
+    reply = endpoint.security_group_info_for_devices(
+        {}, devices=["tapweb1", "bad name", 7], call_version="1.3")
+    assert [p["device"] for p in reply["devices"].values()] == ["tapweb1"]
+
+
+# ---------------------------------------------------------------- diff and casts
+
+def changed(edit: Any) -> Notifications:
+    raw = example()
+    edit(raw)
+    return diff(load(example()), load(raw))
+
+
+def test_no_change_no_notification() -> None:
+    assert not diff(load(example()), load(example()))
+
+
+def test_rule_change_names_only_its_group() -> None:
+    notes = changed(lambda raw: raw["security_groups"]["sg-db"].pop())
+    assert notes == Notifications(rules_updated=("sg-db",))
+
+
+def test_member_change_is_sent_only_for_groups_used_as_remotes() -> None:
+    def move_db_into_web(raw: dict[str, Any]) -> None:
+        raw["ports"][2]["security_groups"] = ["sg-web", "sg-db"]
+    notes = changed(move_db_into_web)
+    assert notes.members_updated == ("sg-web",)   # sg-db is nobody's remote group
+    assert [p.device for p in notes.ports_updated] == ["tapdb1"]
+    assert notes.rules_updated == () and notes.ports_deleted == ()
+
+
+def test_port_removed_is_deleted_and_its_groups_members_updated() -> None:
+    notes = changed(lambda raw: raw["ports"].pop(1))
+    assert notes.ports_deleted == ("6f1c2a4e-0002-4000-8000-000000000002",)
+    assert notes.members_updated == ("sg-web",)
+    assert notes.ports_updated == ()
+
+
+def test_extra_members_count_as_member_changes() -> None:
+    notes = changed(lambda raw: raw.update(sg_member_ips={"sg-web": {"IPv4": [["10.1.1.1",
+                                                                              None]]}}))
+    assert notes == Notifications(members_updated=("sg-web",))
+
+
+def test_address_group_change_updates_the_groups_that_use_it() -> None:
+    raw = example()
+    raw["address_groups"] = {"ag": ["192.0.2.0/24"]}
+    raw["security_groups"]["sg-db"].append(
+        {"direction": "ingress", "ethertype": "IPv4", "remote_address_group_id": "ag"})
+    new = yaml.safe_load(yaml.safe_dump(raw))
+    new["address_groups"]["ag"].append("198.51.100.0/24")
+    assert diff(load(raw), load(new)) == Notifications(rules_updated=("sg-db",))
+
+
+def test_casts_are_neutrons() -> None:
+    port = parse_port({"id": "p-1", "mac_address": "fa:16:3e:00:00:01"}, strict=True)
+    notes = Notifications(rules_updated=("sg-a",), members_updated=("sg-b", "sg-c"),
+                          ports_updated=(port,), ports_deleted=("p-2",))
+    casts = list(AgentNotifier.casts(notes))
+    assert [(t, v, m) for t, v, m, _ in casts] == [
+        ("q-agent-notifier-security_group-update", "1.1", "security_groups_rule_updated"),
+        ("q-agent-notifier-security_group-update", "1.1", "security_groups_member_updated"),
+        ("q-agent-notifier-port-update", "1.0", "port_update"),
+        ("q-agent-notifier-port-delete", "1.0", "port_delete"),
+    ]
+    assert casts[1][3] == {"security_groups": ["sg-b", "sg-c"]}
+    assert casts[2][3]["port"]["device"] == "tapp-1"
+    assert set(casts[2][3]) == {"port", "network_type", "segmentation_id", "physical_network"}
+    assert casts[3][3] == {"port_id": "p-2"}
+    assert notes.count() == len(casts)
+    assert not list(AgentNotifier.casts(replace(notes, rules_updated=(), members_updated=(),
+                                                ports_updated=(), ports_deleted=())))
+
+
+# ---------------------------------------------------------------- file watch, CLI
+
+def test_watcher_reloads_on_change_and_on_request(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("ports: []\n")
+    reasons: list[str] = []
+    reloaded = threading.Semaphore(0)
+    watcher = FileWatcher(str(path), 0.01, lambda r: (reasons.append(r), reloaded.release()))
+    watcher.start()
+    try:
+        tmp = tmp_path / "policy.tmp"
+        tmp.write_text("ports: []\nsecurity_groups: {}\n")
+        tmp.replace(path)
+        assert reloaded.acquire(timeout=5)
+        watcher.request("SIGHUP")
+        assert reloaded.acquire(timeout=5)
+        assert not reloaded.acquire(timeout=0.2)   # nothing else changed
+    finally:
+        watcher.stop()
+        watcher.join(5)
+    assert reasons == ["file changed", "SIGHUP"]
+
+
+def test_controller_refuses_to_start_without_its_file(tmp_path: Path) -> None:
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"[controller]\npolicy_file = {tmp_path}/missing.yaml\n")
+    proc = subprocess.run([tool("hostfw-controller"), "--config-file", str(conf)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "missing.yaml" in proc.stderr.splitlines()[-1]
+
+
+def test_sg_info_version_is_neutrons() -> None:
+    assert (rpc_api.SG_INFO_VERSION, SecurityGroupInfo.target.version) == ("1.3", "1.3")
