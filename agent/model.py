@@ -21,16 +21,26 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import reprlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from agent import protocols
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
-DEVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
-MAC_RE = re.compile(r"^[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}$")
-OWNER_RE = re.compile(r"^[A-Za-z0-9_.:-]{0,64}$")
+# Whitelists, always used with fullmatch: `$` would also match before a trailing
+# newline, and a newline in a name would split an iptables-restore script.
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+DEVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
+MAC_RE = re.compile(r"[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}")
+OWNER_RE = re.compile(r"[A-Za-z0-9_.:-]{0,64}")
+# The characters of an address or CIDR: ipaddress also takes IPv6 scope ids
+# ("fe80::1%anything") and str() keeps them, so they are refused up front.
+ADDRESS_RE = re.compile(r"[0-9A-Fa-f:./]{1,64}")
+
+_SHOW = reprlib.Repr()  # keyword arguments arrive in Python 3.12
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 3, 60, 60, 40
+_SHOW.maxlist = _SHOW.maxtuple = _SHOW.maxdict = _SHOW.maxset = _SHOW.maxfrozenset = 4
 
 ETHERTYPES = {"IPv4": 4, "IPv6": 6}
 DIRECTIONS = ("ingress", "egress")
@@ -147,27 +157,31 @@ class Policy:
 # ---------------------------------------------------------------- primitives
 
 def _show(value: Any) -> str:
-    """A short, printable rendering of a hostile value for error messages."""
-    text = repr(value)
+    """A short, printable rendering of a hostile value for error messages.
+
+    reprlib bounds the depth and the items it visits, so a huge or deeply
+    nested value costs little and never recurses without limit.
+    """
+    text = _SHOW.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
 def parse_id(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not ID_RE.match(value):
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
         raise Invalid(f"{what} {_show(value)} is not a valid id (letters, digits, '_.:-', "
                       f"at most 64)")
     return value
 
 
 def parse_device(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not DEVICE_RE.match(value):
+    if not isinstance(value, str) or not DEVICE_RE.fullmatch(value):
         raise Invalid(f"{what} {_show(value)} is not a valid device name (letters, digits, "
                       f"'_.-', at most 15)")
     return value
 
 
 def parse_mac(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not MAC_RE.match(value):
+    if not isinstance(value, str) or not MAC_RE.fullmatch(value):
         raise Invalid(f"{what} {_show(value)} is not a MAC address")
     mac = value.lower().replace("-", ":")
     if int(mac[:2], 16) & 1:
@@ -176,7 +190,7 @@ def parse_mac(value: Any, what: str) -> str:
 
 
 def parse_ip(value: Any, what: str) -> str:
-    if not isinstance(value, str):
+    if not isinstance(value, str) or not ADDRESS_RE.fullmatch(value):
         raise Invalid(f"{what} {_show(value)} is not an IP address")
     try:
         return str(ipaddress.ip_address(value))
@@ -186,7 +200,7 @@ def parse_ip(value: Any, what: str) -> str:
 
 def parse_net(value: Any, what: str, family: int | None = None) -> str:
     """A network; a bare address becomes a host network, host bits are cleared."""
-    if not isinstance(value, str) or not value or len(value) > 64:
+    if not isinstance(value, str) or not ADDRESS_RE.fullmatch(value):
         raise Invalid(f"{what} {_show(value)} is not an IP address or CIDR")
     try:
         net = ipaddress.ip_network(value, strict=False)
@@ -210,7 +224,7 @@ def _port_number(value: Any, what: str, top: int) -> int | None:
         return None
     if isinstance(value, bool):
         raise Invalid(f"{what} {_show(value)} is not a number")
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit():
         value = int(value)
     if not isinstance(value, int) or not 0 <= value <= top:
         raise Invalid(f"{what} {_show(value)} is not a number from 0 to {top}")
@@ -235,7 +249,7 @@ def parse_protocol(value: Any, ethertype: str, what: str) -> int | None:
     word = value.strip().lower()
     if word in protocols.ANY_PROTOCOL_WORDS:
         return None
-    if word.isdigit() and len(word) <= 3:
+    if word.isascii() and word.isdigit() and len(word) <= 3:
         number = int(word)
         if not 0 <= number <= 255:
             raise Invalid(f"{what} protocol {_show(value)} is not from 0 to 255")
@@ -260,10 +274,10 @@ def parse_rule(raw: Any, what: str) -> Rule:
     if unknown:
         raise Invalid(f"{what} has unknown keys {unknown}")
     direction = raw.get("direction")
-    if direction not in DIRECTIONS:
+    if not isinstance(direction, str) or direction not in DIRECTIONS:
         raise Invalid(f"{what} direction {_show(direction)} is not ingress or egress")
     ethertype = raw.get("ethertype", "IPv4")
-    if ethertype not in ETHERTYPES:
+    if not isinstance(ethertype, str) or ethertype not in ETHERTYPES:
         raise Invalid(f"{what} ethertype {_show(ethertype)} is not IPv4 or IPv6")
     family = ETHERTYPES[ethertype]
     proto = parse_protocol(raw.get("protocol"), ethertype, what)
@@ -275,10 +289,16 @@ def parse_rule(raw: Any, what: str) -> Rule:
     src_high = _port_number(raw.get("source_port_range_max"), f"{what} source_port_range_max",
                             65535)
     if proto in protocols.ICMP_PROTOCOLS:
+        if low is None and high is None and src_low is not None:
+            # Neutron's provider RA rule carries the ICMPv6 type here.
+            low = src_low
         if low is not None and low > 255 or high is not None and high > 255:
             raise Invalid(f"{what} ICMP type/code {low}/{high} must be from 0 to 255")
         if low is None and high is not None:
             raise Invalid(f"{what} has an ICMP code ({high}) without a type")
+        if low == 255 and proto == 1:
+            raise Invalid(f"{what} ICMP type 255 cannot be matched (iptables reads it as "
+                          f"any type)")
         src_low = src_high = None
     elif proto in protocols.PORT_PROTOCOLS:
         low, high = _range(low, high, what, "port_range")
@@ -363,7 +383,7 @@ def parse_port(raw: Any, strict: bool, what: str = "port") -> Port:
     floating = [parse_ip(ip, f"{what} floating_ips entry")
                 for ip in _list(raw.get("floating_ips"), f"{what} floating_ips")]
     owner = raw.get("device_owner") or ""
-    if not isinstance(owner, str) or not OWNER_RE.match(owner):
+    if not isinstance(owner, str) or not OWNER_RE.fullmatch(owner):
         raise Invalid(f"{what} device_owner {_show(owner)} is not valid")
     network = raw.get("network_id") or ""
     if network:

@@ -30,9 +30,14 @@ def load_policy_text(text: str, path: str = "<policy>") -> Policy:
         raw: Any = json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
         raise PolicyFileError(f"{path}: not valid YAML or JSON: {exc}") from exc
+    except RecursionError:
+        raise PolicyFileError(f"{path}: nested too deeply to be a policy") from None
     if raw is None:
         raw = {}
-    policy = parse_policy(raw, strict=True)
+    try:
+        policy = parse_policy(raw, strict=True)
+    except RecursionError:
+        raise PolicyFileError(f"{path}: nested too deeply to be a policy") from None
     return replace(policy, members=derive_members(policy.ports, policy.members))
 
 

@@ -153,9 +153,6 @@ def test_bad_direction_is_rejected(direction: Any) -> None:
     assert_group_rule_rejected(raw, "direction", "is not ingress or egress")
 
 
-@pytest.mark.xfail(reason="BUG: model.parse_rule checks `ethertype not in ETHERTYPES` (a "
-                   "dict) with an unhashable value, so a list ethertype raises TypeError out "
-                   "of parse_policy instead of rejecting the rule", strict=True)
 def test_unhashable_ethertype_is_rejected_not_a_crash() -> None:
     assert_group_rule_rejected(rule(ethertype=["IPv4"]), "ethertype", "is not IPv4 or IPv6")
 
@@ -218,10 +215,6 @@ def test_ports_are_ignored_on_portless_protocols(protocol: str | None) -> None:
             parsed.source_port_max) == (None, None, None, None)
 
 
-@pytest.mark.xfail(reason="BUG: model._port_number and parse_protocol test str.isdigit(), "
-                   "which is true for '²', then int('²') raises a bare ValueError that "
-                   "escapes parse_groups (it catches Invalid only): parse_policy crashes",
-                   strict=True)
 @pytest.mark.parametrize("raw", [rule(protocol="tcp", port_range_min="²"),
                                  rule(protocol="¹")], ids=["port", "protocol"])
 def test_unicode_digit_strings_are_rejected_not_a_crash(raw: dict[str, Any]) -> None:
@@ -293,19 +286,11 @@ def test_icmp_drops_source_ports() -> None:
     assert parsed.source_port_min is None
 
 
-@pytest.mark.xfail(reason="BUG: Neutron's provider RA rule carries the ICMPv6 type in "
-                   "source_port_range_min (securitygroups_rpc_base._add_ingress_ra_rule); "
-                   "model.parse_rule discards source ports on ICMP, so the rule becomes "
-                   "'all ICMPv6 from anywhere' instead of '--icmpv6-type 134'", strict=True)
 def test_neutron_ra_provider_rule_keeps_its_icmpv6_type() -> None:
     parsed = good_rule(ethertype="IPv6", protocol="ipv6-icmp", source_port_range_min=134)
     assert parsed.port_min == 134
 
 
-@pytest.mark.xfail(reason="BUG: xt icmp treats type 255 as 'any type' "
-                   "(icmp_type_code_match: test_type == 0xFF) and iptables-save prints "
-                   "'--icmp-type any', so an IPv4 rule for ICMP type 255 allows all ICMP and "
-                   "never converges; the model accepts it", strict=True)
 def test_icmpv4_type_255_is_rejected() -> None:
     assert_group_rule_rejected(rule(protocol="icmp", port_range_min=255), "255")
 
@@ -495,10 +480,6 @@ def test_device_owner_is_whitelisted(bad: Any) -> None:
     assert_port_rejected(port(device_owner=bad), "port 'p1' device_owner", "is not valid")
 
 
-@pytest.mark.xfail(reason="BUG: model ID_RE/DEVICE_RE/MAC_RE end in `$`, which also matches "
-                   "before a trailing newline, so 'sg\\n' passes the whitelist and the "
-                   "newline reaches chain names, ipset names and --mac-source in the "
-                   "iptables-restore/ipset restore scripts", strict=True)
 @pytest.mark.parametrize("field", ["id", "device", "mac_address", "security_groups",
                                    "network_id"])
 def test_trailing_newline_is_rejected(field: str) -> None:
@@ -507,10 +488,6 @@ def test_trailing_newline_is_rejected(field: str) -> None:
     assert_port_rejected(port(**{field: values[field]}), "port")
 
 
-@pytest.mark.xfail(reason="BUG: model.parse_ip/parse_net use the ipaddress module, which "
-                   "accepts IPv6 scope ids with any characters ('fe80::1%x -j ACCEPT'), "
-                   "and str() keeps them, so spaces/newlines reach -s/-d and ipset members",
-                   strict=True)
 @pytest.mark.parametrize("field", ["fixed_ips", "allowed_address_pairs"])
 def test_ipv6_scope_ids_are_rejected(field: str) -> None:
     hostile = "fe80::1%x -j ACCEPT"
@@ -752,9 +729,6 @@ def test_a_yaml_scalar_document_is_reported_as_an_error() -> None:
                                                         "mapping",)
 
 
-@pytest.mark.xfail(reason="BUG: policy_file.load_policy_text catches ValueError and "
-                   "YAMLError only; deeply nested YAML or JSON raises RecursionError, which "
-                   "PolicyFileSource.resync does not catch either", strict=True)
 @pytest.mark.parametrize("text", ["[" * 1000, '{"a": ' + "[" * 2000], ids=["yaml", "json"])
 def test_deeply_nested_text_is_a_policy_file_error(text: str) -> None:
     with pytest.raises(PolicyFileError):
