@@ -196,13 +196,13 @@ def set_sample_defaults() -> None:
 def validate(conf: cfg.ConfigOpts) -> list[str]:
     """Check the values whose shape oslo.config cannot express; return the problems."""
     problems = []
-    if not CHAIN_PREFIX_RE.match(conf.firewall.chain_prefix):
+    if not CHAIN_PREFIX_RE.fullmatch(conf.firewall.chain_prefix):
         problems.append(f"[firewall] chain_prefix {conf.firewall.chain_prefix!r} must match "
                         f"{CHAIN_PREFIX_RE.pattern}")
-    if not IPSET_PREFIX_RE.match(conf.firewall.ipset_prefix):
+    if not IPSET_PREFIX_RE.fullmatch(conf.firewall.ipset_prefix):
         problems.append(f"[firewall] ipset_prefix {conf.firewall.ipset_prefix!r} must match "
                         f"{IPSET_PREFIX_RE.pattern}")
-    if not DEVICE_PREFIX_RE.match(conf.agent.device_prefix):
+    if not DEVICE_PREFIX_RE.fullmatch(conf.agent.device_prefix):
         problems.append(f"[agent] device_prefix {conf.agent.device_prefix!r} must match "
                         f"{DEVICE_PREFIX_RE.pattern}")
     try:

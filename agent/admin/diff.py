@@ -63,24 +63,24 @@ def _table_json(plan: TablePlan, kernel: KernelView) -> dict[str, Any]:
 def _ipsets_json(plan: IpsetPlan) -> list[dict[str, Any]]:
     """Per set: created, rebuilt (a set of the wrong type or family), members, destroyed.
 
-    `plan_ipsets` rebuilds a set through `<name>-tmp` and `swap`; the swap
-    line says which set a temporary one stands for.
+    `plan_ipsets` rebuilds a set by destroying it and creating it again before
+    the tables are written; a destroy in `after` is a set that goes for good.
     """
-    lines = [line.split() for line in plan.before + plan.after]
-    real = {words[1]: words[2] for words in lines if words[0] == "swap"}
     sets: dict[str, dict[str, Any]] = {}
-    for verb, name, *rest in lines:
-        target = real.get(name, name)
-        entry = sets.setdefault(target, {"name": target, "create": False, "rebuild": False,
-                                         "destroy": False, "add": [], "del": []})
-        if verb == "create":
-            entry["rebuild" if name in real else "create"] = True
-        elif verb == "add":
-            entry["add"].append(rest[0])
-        elif verb == "del":
-            entry["del"].append(rest[0])
-        elif verb == "destroy" and name not in real:  # not the temporary set of a rebuild
-            entry["destroy"] = True
+    for phase in (plan.before, plan.after):
+        for verb, name, *rest in (line.split() for line in phase):
+            entry = sets.setdefault(name, {"name": name, "create": False, "rebuild": False,
+                                           "destroy": False, "add": [], "del": []})
+            if verb == "create":
+                entry["rebuild" if phase is plan.before and entry["destroy"] else "create"] = True
+                if entry["rebuild"]:
+                    entry["destroy"] = False
+            elif verb == "add":
+                entry["add"].append(rest[0])
+            elif verb == "del":
+                entry["del"].append(rest[0])
+            elif verb == "destroy":
+                entry["destroy"] = True
     return list(sets.values())
 
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 MAX_CHAIN = 28
 MAX_IPSET = 31
+# Longest prefixes: the names built from them stay whole (config.py checks the same).
+MAX_CHAIN_PREFIX = 12
+MAX_IPSET_PREFIX = 8
 # Shared chain names a per-port chain (`i`, `o` or `s` + device suffix) could spell.
 RESERVED_PORT_NAMES = frozenset({"sg-chain", "sg-fallback", "snat"})
 
@@ -32,6 +35,16 @@ class Names:
     chain_prefix: str = "hostfw"
     ipset_prefix: str = "hfw"
     device_prefix: str = "tap"
+
+    def __post_init__(self) -> None:
+        # _fit keeps `<chain_prefix>-` whole only while it leaves room for the
+        # digest; the config check enforces the same bounds for operators.
+        if not 0 < len(self.chain_prefix) <= MAX_CHAIN_PREFIX:
+            raise ValueError(f"chain_prefix {self.chain_prefix!r} must have 1 to "
+                             f"{MAX_CHAIN_PREFIX} characters")
+        if not 0 < len(self.ipset_prefix) <= MAX_IPSET_PREFIX:
+            raise ValueError(f"ipset_prefix {self.ipset_prefix!r} must have 1 to "
+                             f"{MAX_IPSET_PREFIX} characters")
 
     def chain(self, name: str) -> str:
         """A shared chain, e.g. `hostfw-FORWARD`."""

@@ -60,14 +60,11 @@ def plan_ipsets(desired: Mapping[str, IpSet], actual: Mapping[str, KernelSet]) -
         have = actual.get(name)
         if have and (have.kind != want.kind or have.family != want.family):
             # Names carry the family and the kind never changes, so this is drift
-            # by hand: rebuild through a temporary set and swap it in.
-            tmp = f"{name[:27]}-tmp"
-            plan.before += [f"create {tmp} {want.kind} family {FAMILY_WORD[want.family]} -exist",
-                            f"flush {tmp}"]
-            plan.before += [f"add {tmp} {m}" for m in sorted(want.members)]
-            plan.before += [f"swap {tmp} {name}", f"destroy {tmp}"]
-            plan.added += len(want.members)
-            continue
+            # by hand. The kernel swaps only sets of one type and family, so the
+            # set is destroyed and made again; while a foreign rule still uses it
+            # the destroy fails, and the error names the set (nothing else moves).
+            plan.before.append(f"destroy {name}")
+            have = None
         if have is None:
             plan.before.append(f"create {name} {want.kind} family {FAMILY_WORD[want.family]}")
         current = have.members if have else set()

@@ -23,6 +23,8 @@ from agent.dataplane.ruleset import Table
 
 BUILTIN_CHAINS = frozenset({"INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"})
 PROTO_RE = re.compile(r"(^|\s)-p (\S+)")
+MAC_RE = re.compile(r"--mac-source ([0-9A-Fa-f:]{17})")
+QUOTED_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 @dataclass
@@ -46,6 +48,9 @@ def parse_save(text: str,
             if spec.startswith("-p ") or " -p " in spec:
                 spec = PROTO_RE.sub(
                     lambda m: f"{m.group(1)}-p {_memo(names, m.group(2), normalise_proto)}", spec)
+            if "--mac-source " in spec:
+                # iptables before 1.8.8 prints MACs upper-case; ours are lower-case.
+                spec = MAC_RE.sub(lambda m: f"--mac-source {m.group(1).lower()}", spec)
             rules = chains.get(chain)
             if rules is None:
                 rules = chains[chain] = []
@@ -65,8 +70,8 @@ def _memo(cache: dict[str, str], word: str, fn: Callable[[str], str]) -> str:
 
 
 def jump_target(spec: str) -> str | None:
-    """The chain a rule jumps or goes to, if any."""
-    tokens = spec.split()
+    """The chain a rule jumps or goes to, if any; quoted text (comments) is skipped."""
+    tokens = QUOTED_RE.sub('""', spec).split() if '"' in spec else spec.split()
     for flag in ("-j", "-g"):
         if flag in tokens:
             i = tokens.index(flag)
@@ -94,7 +99,8 @@ class TablePlan:
 
     @property
     def empty(self) -> bool:
-        return not (self.rewrites or self.hook_inserts or self.hook_deletes or self.flushes)
+        return not (self.rewrites or self.hook_inserts or self.hook_deletes or self.flushes
+                    or self.deletes)
 
     def lines(self) -> list[str]:
         out = [f":{name} - [0:0]" for name in self.rewrites]

@@ -348,10 +348,6 @@ def test_jump_target(spec: str, target: str | None) -> None:
     assert jump_target(spec) == target
 
 
-@pytest.mark.xfail(reason="BUG: TablePlan.empty ignores `deletes`, so a stale owned chain "
-                   "that is already empty (e.g. an unused group's egress chain) gives a plan "
-                   "the engine treats as empty and never commits: the chain is never deleted",
-                   strict=True)
 def test_deleting_an_empty_stale_chain_is_a_change() -> None:
     have = kernel()
     del have.chains["FORWARD"][-1]  # the plan would delete this jump: keep it out
@@ -362,9 +358,6 @@ def test_deleting_an_empty_stale_chain_is_a_change() -> None:
     assert not result.empty
 
 
-@pytest.mark.xfail(reason="BUG: plan.jump_target takes the first '-j' token even inside a "
-                   "quoted comment, so a foreign rule in a built-in chain whose comment says "
-                   "'-j hostfw-...' is taken for our hook and deleted", strict=True)
 def test_a_foreign_rule_mentioning_our_chain_in_a_comment_is_left_alone() -> None:
     have = kernel()
     foreign = '-m comment --comment "see -j hostfw-INPUT" -j ACCEPT'
