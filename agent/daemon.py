@@ -166,6 +166,10 @@ class Agent:
         self.watcher = DeviceWatcher(conf.agent.netns, conf.agent.device_prefix,
                                      self._on_devices, self._on_fatal)
         self.writer = threading.Thread(target=self._writer_main, name="writer", daemon=True)
+        # Started from the main thread, so it stays in the agent's own namespace
+        # (a thread inherits the namespace of the thread that starts it).
+        self.resyncer = threading.Thread(target=self._resync_main, name="resync", daemon=True)
+        self._resync_wanted = threading.Event()
         self._devices_seen = threading.Event()
         self.bridges: dict[str, str] = {}       # managed device -> its bridge
         self.zones: dict[str, int] = {}         # bridge -> conntrack zone
@@ -312,7 +316,18 @@ class Agent:
         return batch
 
     def _periodic_resync(self) -> None:
-        threading.Thread(target=self.source.resync, name="resync", daemon=True).start()
+        """Ask the source for a full resync without blocking the writer."""
+        self._resync_wanted.set()
+
+    def _resync_main(self) -> None:
+        while not self.stopping.is_set():
+            if not self._resync_wanted.wait(1.0):
+                continue
+            self._resync_wanted.clear()
+            try:
+                self.source.resync()
+            except Exception:  # the next period tries again; the loop must live on
+                LOG.exception("periodic resync of the %s source failed", self.source.name)
 
     def _run_call(self, engine: Engine, event: Event) -> None:
         assert event.waiter is not None
@@ -384,6 +399,7 @@ class Agent:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        self.resyncer.start()
         self.writer.start()
         self.watcher.start()
         self.source.start(self._on_policy)
@@ -420,7 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hostfw-agent: [agent] netns {conf.agent.netns!r} does not exist",
               file=sys.stderr)
         return 2
-    agent = Agent(conf, make_source(conf))
+    try:
+        agent = Agent(conf, make_source(conf))
+    except ValueError as exc:  # e.g. a transport_url oslo.messaging cannot parse
+        print(f"hostfw-agent: {exc}", file=sys.stderr)
+        return 2
     try:
         if conf.metrics.listen:
             agent.metrics.serve(conf.metrics.listen)

@@ -174,7 +174,7 @@ class AgentProcess:
         binary = {"iptables-legacy": "iptables-legacy-save", "iptables-nft": "iptables-nft-save",
                   "iptc": "iptables-legacy-save"}[backend]
         if family == 6:
-            binary = "ip6" + binary
+            binary = binary.replace("iptables", "ip6tables", 1)
         text = subprocess.run(["ip", "netns", "exec", self.netns, binary], capture_output=True,
                               text=True, check=True).stdout
         return "".join(line for line in text.splitlines(keepends=True)
