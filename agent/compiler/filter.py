@@ -79,13 +79,17 @@ def compile_filter(snapshot: Snapshot) -> FilterResult:
     tables: dict[tuple[int, str], Table] = {}
     port_chains: dict[str, list[str]] = {}
     used_rules: list[Rule] = []
+    # Port chains name their groups' chains but hold none of their rules, so
+    # they are keyed on group names: a rule change re-renders group chains only.
+    kinds = {g: frozenset(r.stateful for r in rules) for g, rules in groups.items()}
     for family in settings.families:
         builder = TableBuilder(family, "filter")
         _skeleton(builder, names, settings.accept_mark)
         for port in local:
-            port_groups = tuple((g, groups[g]) for g in port.security_groups if g in groups)
+            port_groups = tuple(g for g in port.security_groups if g in groups)
+            stateful = frozenset().union(*(kinds[g] for g in port_groups))
             try:
-                chains = _port_chains(port, family, port_groups, settings)
+                chains = _port_chains(port, family, port_groups, stateful, settings)
             except ValueError as exc:  # e.g. mixed stateful and stateless groups
                 errors.append(f"port {port.id!r}: cannot build its chains ({exc}); "
                               f"dropping all its traffic")
@@ -174,12 +178,15 @@ def _drop_all_chains(port: Port, names: Names) -> dict[str, tuple[str, ...]]:
 # ---------------------------------------------------------------- per-port chains
 
 @lru_cache(maxsize=1 << 14)
-def _port_chains(port: Port, family: int, groups: tuple[tuple[str, tuple[Rule, ...]], ...],
+def _port_chains(port: Port, family: int, groups: tuple[str, ...], stateful: frozenset[bool],
                  settings: Settings) -> dict[str, tuple[str, ...]]:
-    """One port's i, o and s chains for one family; `groups` are its known groups' rules."""
+    """One port's i, o and s chains for one family.
+
+    `groups` are its known groups, `stateful` the statefulness of their rules.
+    """
     if not port.port_security_enabled:
         return {}
-    if len({r.stateful for _, rules in groups for r in rules}) > 1:
+    if len(stateful) > 1:
         raise ValueError("it mixes stateful and stateless security groups")
     names = settings.names
     mark = settings.accept_mark
@@ -192,7 +199,7 @@ def _port_chains(port: Port, family: int, groups: tuple[tuple[str, tuple[Rule, .
         if not groups:
             return []
         out = [render_rule(f"-j MARK --set-xmark 0x0/{mark:#x}", comment="clear the accept mark")]
-        for group, _ in groups:
+        for group in groups:
             out += [render_rule(f"-j {names.group_chain(direction, family, group)}",
                                 comment=f"group {group}"),
                     render_rule("-j RETURN", matches=[f"-m mark --mark {mark:#x}/{mark:#x}"],
