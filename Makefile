@@ -13,7 +13,7 @@ LINT_DIRS   := $(wildcard agent tests scripts demo)
 SH_FILES    := $(wildcard scripts/*.sh devstack/plugin.sh devstack/settings) .ci/run
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test lint demo clean-netns
+.PHONY: all deps venv test lint demo clean-netns bench soak
 
 all: test
 
@@ -49,6 +49,19 @@ test: venv
 
 demo: venv
 	$(PY) -m demo
+
+# Benchmarks (bench/): writes bench/results/latest.json, latest.md and *.png.
+# BENCH_ARGS=--quick for a smoke run. Never part of `make test`.
+BENCH_ARGS ?=
+bench: venv
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q -e '.[test,bench]'
+	$(PY) -m bench $(BENCH_ARGS)
+
+# The reliability suite, SOAK_SCALE times longer than in `make test`.
+SOAK_SCALE ?= 10
+soak: venv
+	HOSTFW_SOAK_SCALE=$(SOAK_SCALE) $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) \
+	    tests/reliability/
 
 # Leftover hfwt-* namespaces of dead test runs; FORCE=1 removes all of them.
 clean-netns:

@@ -1,0 +1,1 @@
+"""Traffic conformance suite: Neutron's functional firewall tests, with real packets."""
