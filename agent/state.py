@@ -34,6 +34,8 @@ class NodeState:
     apply_error: str | None = None
     started_at: float = field(default_factory=time.time)
     applies: int = 0
+    drift_repairs: int = 0
+    last_drift_at: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_apply(self, compiled: Compiled, report: ApplyReport) -> None:
@@ -44,6 +46,9 @@ class NodeState:
             self.generation += 1
             self.applies += 1
             self.last_apply_ok_at = time.time()
+            if report.drift_repaired:
+                self.drift_repairs += 1
+                self.last_drift_at = self.last_apply_ok_at
             self.apply_error = None
 
     def record_failure(self, compiled: Compiled | None, error: str) -> None:
@@ -87,6 +92,8 @@ class NodeState:
                 "rules": compiled.ruleset.rule_count() if compiled else 0,
                 "ipsets": len(compiled.ruleset.ipsets) if compiled else 0,
                 "applies": self.applies,
+                "drift_repairs": self.drift_repairs,
+                "last_drift_repair_at": self.last_drift_at,
                 "uptime": round(time.time() - self.started_at, 1),
                 "source": source_status,
                 "errors": errors,

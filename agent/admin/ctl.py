@@ -79,6 +79,8 @@ def print_status(reply: dict[str, Any]) -> None:
         ("unknown devices", ", ".join(reply.get("unknown_devices") or []) or "-"),
         ("rules", reply.get("rules")), ("ipsets", reply.get("ipsets")),
         ("last apply ok", _ago(reply.get("last_apply_ok_at"))),
+        ("drift repairs", f"{reply.get('drift_repairs', 0)} (last "
+                          f"{_ago(reply.get('last_drift_repair_at'))})"),
     ]
     source = reply.get("source") or {}
     for key, value in sorted(source.items()):
