@@ -23,7 +23,7 @@ import ipaddress
 import re
 import reprlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent import protocols
@@ -77,7 +77,9 @@ def cached_hash(self: Any) -> int:
     try:
         return self.__dict__["_hash"]
     except KeyError:
-        value = hash(tuple(getattr(self, f.name) for f in fields(self)))
+        # __dataclass_fields__ is what fields() filters; none of ours is a
+        # ClassVar or InitVar, and fields() itself costs more than the hash.
+        value = hash(tuple(getattr(self, name) for name in self.__dataclass_fields__))
         object.__setattr__(self, "_hash", value)
         return value
 
