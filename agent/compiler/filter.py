@@ -26,6 +26,7 @@ itself: INPUT -> <p>-INPUT -j <p>-from.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -68,12 +69,47 @@ def compile_filter(snapshot: Snapshot) -> FilterResult:
     Port and group chains come from memoised functions of frozen values (the
     port, its groups' rules, the settings), so after a change only the ports
     and groups it touched are rendered again; that keeps a one-port change
-    cheap at 1,000 ports.
+    cheap at 1,000 ports. The tables do not depend on remote group members
+    (rules name the sets), so a members-only change reuses the last tables
+    whole and only the sets are computed again.
     """
-    settings = snapshot.settings
-    names = settings.names
     groups = snapshot.policy.groups
-    local = local_ports(snapshot)
+    tables = _filter_tables(tuple(local_ports(snapshot)), groups, snapshot.settings)
+    ipsets = remote_sets(tables.used_rules, snapshot)
+    return FilterResult(Ruleset(tables.tables, ipsets), tables.active_ports,
+                        tables.port_chains, tables.errors)
+
+
+@dataclass(frozen=True)
+class _Tables:
+    tables: dict[tuple[int, str], Table]
+    active_ports: tuple[str, ...]
+    port_chains: dict[str, tuple[str, ...]]
+    errors: tuple[str, ...]
+    used_rules: tuple[Rule, ...]
+
+
+# One slot: the last inputs and tables. Tuple and dict equality check identity
+# first, so an unchanged policy compares in microseconds; replaced whole, so
+# concurrent callers see either the old or the new pair.
+_last_tables: tuple[tuple[object, ...], _Tables] | None = None
+
+
+def _filter_tables(local: tuple[Port, ...], groups: Mapping[str, tuple[Rule, ...]],
+                   settings: Settings) -> _Tables:
+    global _last_tables
+    key = (local, groups, settings)
+    last = _last_tables
+    if last is not None and last[0] == key:
+        return last[1]
+    result = _build_tables(local, groups, settings)
+    _last_tables = (key, result)
+    return result
+
+
+def _build_tables(local: tuple[Port, ...], groups: Mapping[str, tuple[Rule, ...]],
+                  settings: Settings) -> _Tables:
+    names = settings.names
     errors = [f"port {p.id!r}: security group {g!r} is unknown; it allows nothing"
               for p in local for g in p.security_groups if g not in groups]
     tables: dict[tuple[int, str], Table] = {}
@@ -101,14 +137,13 @@ def compile_filter(snapshot: Snapshot) -> FilterResult:
                              for g in p.security_groups if g in groups}):
             builder.chains.update(_group_chains(group, groups[group], family, settings))
             used_rules += groups[group]
-        _dispatch(builder, local, names, settings.unknown_device_policy)
+        _dispatch(builder, list(local), names, settings.unknown_device_policy)
         tables[(family, "filter")] = builder.build()
     if len(errors) > 1:
         errors = list(dict.fromkeys(errors))
-    ipsets = remote_sets(used_rules, snapshot)
-    return FilterResult(Ruleset(tables, ipsets), tuple(p.id for p in local),
-                        {p: tuple(dict.fromkeys(c)) for p, c in port_chains.items()},
-                        tuple(errors))
+    return _Tables(tables, tuple(p.id for p in local),
+                   {p: tuple(dict.fromkeys(c)) for p, c in port_chains.items()},
+                   tuple(errors), tuple(dict.fromkeys(used_rules)))
 
 
 # ---------------------------------------------------------------- shared chains

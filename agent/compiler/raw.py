@@ -33,9 +33,9 @@ def compile_raw(snap: Snapshot, local: list[Port]) -> dict[tuple[int, str], Tabl
     tables = {}
     stateless = [p for p in local if p.port_security_enabled and is_stateless(p, snap)
                  and not mixed_statefulness(p, snap)]
+    untracked = {p.device for p in stateless}
     bridges = sorted({snap.bridges[p.device] for p in local
-                      if snap.bridges.get(p.device) and p.device not in
-                      {s.device for s in stateless}})
+                      if snap.bridges.get(p.device) and p.device not in untracked})
     for family in settings.families:
         b = TableBuilder(family, "raw")
         pre, out = names.chain("PREROUTING"), names.chain("OUTPUT")

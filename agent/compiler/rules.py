@@ -87,13 +87,19 @@ def remote_sets(rules: Iterable[Rule], snap: Snapshot) -> dict[str, IpSet]:
         if name is None or name in out:
             continue
         if rule.remote_group_id:
-            members: Iterable[str] = snap.policy.members.get(rule.remote_group_id, {}) \
-                .get(rule.family, ())
+            group = snap.policy.members.get(rule.remote_group_id, {}).get(rule.family)
+            members = _group_members(frozenset(group or ()))
         else:
-            members = (n for n in snap.policy.address_groups.get(
-                rule.remote_address_group_id or "", ()) if (":" in n) == (rule.family == 6))
-        out[name] = IpSet(name, rule.family, frozenset(set_members(members)))
+            members = frozenset(set_members(n for n in snap.policy.address_groups.get(
+                rule.remote_address_group_id or "", ()) if (":" in n) == (rule.family == 6)))
+        out[name] = IpSet(name, rule.family, members)
     return out
+
+
+@lru_cache(maxsize=1 << 12)
+def _group_members(nets: frozenset[str]) -> frozenset[str]:
+    """set_members of a group's member set; unchanged groups cost a hash lookup."""
+    return frozenset(set_members(nets))
 
 
 def set_members(nets: Iterable[str]) -> set[str]:

@@ -78,15 +78,20 @@ class Engine:
     def read_sets(self) -> dict[str, KernelSet]:
         return parse_ipset_save(self.ipsets.save(), self.names.owns_ipset)
 
-    def plans(self, desired: Ruleset, kernel: KernelView, force: bool = False) -> list[TablePlan]:
-        """The non-empty table plans that would make `kernel` match `desired`."""
+    def plans(self, desired: Ruleset, kernel: KernelView, force: bool = False,
+              settled: frozenset[tuple[int, str]] = frozenset()) -> list[TablePlan]:
+        """The non-empty table plans that would make `kernel` match `desired`.
+
+        `settled` tables are known to match already and are not compared.
+        """
         out = []
         for family in self.families:
             have = kernel[family]
             names = {t for (f, t) in desired.tables if f == family}
             names |= {t for t, table in have.items()
                       if any(self.names.owns_chain(c) for c in table.chains)}
-            for table in sorted(names, key=_table_rank):
+            for table in sorted(names - {t for f, t in settled if f == family},
+                                key=_table_rank):
                 plan = plan_table(desired.tables.get((family, table)), have.get(table),
                                   family, table, self.names.owns_chain, force)
                 if not plan.empty:
@@ -130,7 +135,7 @@ class Engine:
         for name, want in desired.ipsets.items():
             self.set_view[name] = KernelSet(name, want.family, want.kind, set(want.members))
 
-        for plan in self.plans(desired, self.view, force):
+        for plan in self.plans(desired, self.view, force, self._settled(desired, report, force)):
             LOG.debug("commit %s v%d:\n%s", plan.table, plan.family, plan.script())
             self.backend.commit(plan)
             plan.apply_to(self.view[plan.family].setdefault(plan.table, KernelTable(plan.table)))
@@ -148,6 +153,20 @@ class Engine:
                 self.set_view.pop(name, None)
             except KernelWriteError as exc:  # still referenced by someone else's rule
                 report.warnings.append(f"could not {line} (retried next apply): {exc}")
+
+    def _settled(self, desired: Ruleset, report: ApplyReport,
+                 force: bool) -> frozenset[tuple[int, str]]:
+        """Tables that are the very objects of the last good apply, with no re-read since.
+
+        The compiler hands back the same Table object while its inputs are
+        unchanged (a members-only change, say), and the view already matches
+        it, so comparing its thousands of chains again would find nothing.
+        """
+        last = self.last_desired
+        if last is None or report.refreshed or force:
+            return frozenset()
+        return frozenset(key for key, table in desired.tables.items()
+                         if last.tables.get(key) is table)
 
     def in_sync(self, desired: Ruleset) -> bool:
         """True when a fresh read of the kernel needs no change at all."""
