@@ -9,7 +9,7 @@ STAMP       := $(VENV)/.installed
 # Whatever packaging files exist; the stamp is rebuilt when one is newer.
 SETUP_FILES := $(wildcard setup.cfg setup.py pyproject.toml)
 # ruff/pytest only get the directories that exist (some are written later).
-LINT_DIRS   := $(wildcard agent tests scripts demo)
+LINT_DIRS   := $(wildcard agent tests scripts demo bench)
 SH_FILES    := $(wildcard scripts/*.sh devstack/plugin.sh devstack/settings) .ci/run
 PYTEST_ARGS ?=
 

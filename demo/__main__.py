@@ -4,13 +4,17 @@ Builds a node namespace with a bridge and one VM namespace per port of
 etc/hostfw/policy.example.yaml (plus a stranger on an unknown tap), runs the
 real hostfw-agent in standalone mode against the node, prints a table of
 probes (who -> whom, protocol/port, expected, seen) and `agent-ctl status`,
-then removes everything. Exit status 1 if any probe disagrees.
+then `agent-ctl trace` of one allowed and one blocked probe and a few lines of
+`/metrics` (served on loopback), then removes everything. Exit status 1 if any
+probe disagrees or a trace's verdict differs from what the packets saw.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -27,6 +31,13 @@ from tests.support.topology import (
 )
 
 POLICY = Path(__file__).resolve().parents[1] / "etc/hostfw/policy.example.yaml"
+METRICS_PORT_RE = re.compile(r"metrics, /healthz and /readyz on \S+ \(port (\d+)\)")
+# Families of /metrics worth a look on a demo node.
+METRICS_SHOWN = ("hostfw_ready", "hostfw_in_sync", "hostfw_generation", "hostfw_ports_active",
+                 "hostfw_rules", "hostfw_chains", "hostfw_ipsets", "hostfw_ipset_members",
+                 "hostfw_kernel_writes_total", "hostfw_drift_repairs_total",
+                 "hostfw_apply_duration_seconds_count", "hostfw_apply_duration_seconds_sum",
+                 "hostfw_events_total")
 
 
 def probes(vms: dict[str, VM]) -> list[tuple[str, str, str, str, bool, object]]:
@@ -79,7 +90,8 @@ def main() -> int:
                                       ipv6=None)
         for vm in vms.values():
             serve(vm, tcp=[22, 80, 81, 5432], udp=[5353])
-        agent = AgentProcess(Path(tmp), topo.node.ns, policy)
+        agent = AgentProcess(Path(tmp), topo.node.ns, policy,
+                             extra_conf="[metrics]\nlisten = 127.0.0.1:0\n")
         try:
             agent.start()
             print(f"hostfw-agent runs in standalone mode on {POLICY.name}, managing "
@@ -96,11 +108,41 @@ def main() -> int:
                 print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
             print("\n$ agent-ctl status")
             print(agent.ctl("status").stdout)
+            failures += show_traces(agent, vms)
+            show_metrics(agent)
         finally:
             agent.stop()
         assert_root_clean()
     print("sandbox removed." if not failures else f"{failures} probe(s) disagreed.")
     return 1 if failures else 0
+
+
+def show_traces(agent: AgentProcess, vms: dict[str, VM]) -> int:
+    """Trace one allowed and one blocked packet; count verdicts that disagree."""
+    web1, web2, db1 = vms["web1"], vms["web2"], vms["db1"]
+    wrong = 0
+    for args, expected in (
+            (["tapweb1", "--proto", "tcp", "--src", web2.ipv4, "--dst", web1.ipv4,
+              "--dport", "80"], "ACCEPT"),
+            (["tapweb1", "--proto", "icmp", "--src", db1.ipv4, "--dst", web1.ipv4], "DROP")):
+        print(f"$ agent-ctl trace {' '.join(args)}")
+        out = agent.ctl("trace", *args).stdout
+        print(out)
+        wrong += expected not in out.splitlines()[-1]
+    return wrong
+
+
+def show_metrics(agent: AgentProcess) -> None:
+    match = METRICS_PORT_RE.search(agent.log())
+    if not match:
+        print("(metrics are off)")
+        return
+    url = f"http://127.0.0.1:{match.group(1)}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        lines = reply.read().decode().splitlines()
+    print(f"$ curl -s {url} | grep -E '^({'|'.join(METRICS_SHOWN)})'")
+    print("\n".join(line for line in lines if line.split("{")[0].split(" ")[0]
+                    in METRICS_SHOWN))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import oslo_messaging as messaging
 from oslo_config import cfg
 
 from agent.sources import rpc_api
-from tests.support.agent import AgentProcess, tool
+from tests.support.agent import AgentProcess, iptables_save, tool
 from tests.support.topology import VM, Topology
 
 T = TypeVar("T")
@@ -153,13 +153,10 @@ class RpcAgentProcess(AgentProcess):
         return wait_for(done, timeout, "the agent to converge", self.log)
 
     def save(self, family: int = 4, backend: str | None = None) -> str:
-        """iptables-save of the node (read only), without the timestamp comments."""
+        """iptables-save of the node (read only), see iptables_save."""
         mode = (backend or self.backend).removeprefix("iptables-")   # legacy | nft
-        binary = f"{'ip6tables' if family == 6 else 'iptables'}-{mode}-save"
-        text = subprocess.run(["ip", "netns", "exec", self.netns, binary], capture_output=True,
-                              text=True, check=True).stdout
-        return "".join(line for line in text.splitlines(keepends=True)
-                       if not line.startswith("#"))
+        tool_name = "ip6tables" if family == 6 else "iptables"
+        return iptables_save(self.netns, f"{tool_name}-{mode}-save")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,15 +171,27 @@ class AgentProcess:
     # ------------------------------------------------------------ kernel views
 
     def save(self, family: int = 4, backend: str = "iptables-legacy") -> str:
-        """iptables-save of the managed namespace without comment lines (read only)."""
+        """iptables-save of the managed namespace (read only), see iptables_save."""
         binary = {"iptables-legacy": "iptables-legacy-save", "iptables-nft": "iptables-nft-save",
                   "iptc": "iptables-legacy-save"}[backend]
         if family == 6:
             binary = binary.replace("iptables", "ip6tables", 1)
-        text = subprocess.run(["ip", "netns", "exec", self.netns, binary], capture_output=True,
-                              text=True, check=True).stdout
-        return "".join(line for line in text.splitlines(keepends=True)
-                       if not line.startswith("#"))  # drop the timestamps
+        return iptables_save(self.netns, binary)
+
+
+COUNTERS_RE = re.compile(r"\[\d+:\d+\]$")
+
+
+def iptables_save(netns: str, binary: str) -> str:
+    """`binary` (an *-save tool) in `netns`, without comment lines (timestamps).
+
+    Built-in chain counters are zeroed: background traffic (IPv6 neighbour
+    discovery, say) moves them, and they are not rules.
+    """
+    text = subprocess.run(["ip", "netns", "exec", netns, binary], capture_output=True,
+                          text=True, check=True).stdout
+    return "".join(COUNTERS_RE.sub("[0:0]", line) if line.startswith(":") else line
+                   for line in text.splitlines(keepends=True) if not line.startswith("#"))
 
 
 def assert_root_clean() -> None:
