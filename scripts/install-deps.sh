@@ -13,6 +13,8 @@ PACKAGES=(
     # Not in the original list, but tests/support/topology.py's ping()
     # probe needs it and the base image does not ship it.
     iputils-ping
+    # systemd-analyze, for tests/ops/test_unit_file.py (verify the unit).
+    systemd
 )
 
 MODULES=(
