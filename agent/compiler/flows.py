@@ -1,8 +1,11 @@
 """Which conntrack entries to delete when a permission goes away.
 
 Rules of this room: pure; old snapshot + new snapshot in, a list of `FlowCut`
-out; the dataplane runs `conntrack -D` for each, after the apply that removed
+out; the dataplane deletes the matching entries after the apply that removed
 the permission (so no new entry can be made under the old rules meanwhile).
+It runs after every apply, so the common cases are cheap: with the policy
+unchanged (a tap came or went) only removed devices are looked at, and the
+members a group lost are computed once per group, not once per port.
 
 Without this, an established connection outlives the rule that allowed it:
 RELATED,ESTABLISHED comes first in every port chain. The cuts follow
@@ -59,7 +62,14 @@ def flows_to_cut(old: Snapshot | None, new: Snapshot) -> list[FlowCut]:
         return []
     new_ports = {p.id: p for p in new.policy.ports if p.device in new.devices}
     cuts: set[FlowCut] = set()
-    for port in (p for p in old.policy.ports if p.device in old.devices):
+    if old.policy is new.policy and old.settings == new.settings:
+        # Same ports, rules and members: only ports whose tap went lose anything.
+        old_local = [p for p in old.policy.ports
+                     if p.device in old.devices and p.device not in new.devices]
+    else:
+        old_local = [p for p in old.policy.ports if p.device in old.devices]
+    lost_members = _LostMembers(old, new)
+    for port in old_local:
         zone = _zone(old, port)
         after = new_ports.get(port.id)
         if after is None or after.device != port.device:
@@ -78,8 +88,9 @@ def flows_to_cut(old: Snapshot | None, new: Snapshot) -> list[FlowCut]:
         old_rules, new_rules = _rules(port, old), _rules(after, new)
         for rule in old_rules - new_rules:
             cuts |= _rule_flows(port, rule, zone, f"a rule of port {port.id} was removed")
-        for rule in old_rules & new_rules:
-            cuts |= _member_flows(port, rule, old, new, zone)
+        if lost_members.any:
+            for rule in old_rules & new_rules:
+                cuts |= _member_flows(port, rule, lost_members, zone)
     return sorted(cuts, key=repr)
 
 
@@ -124,24 +135,45 @@ def _rule_flows(port: Port, rule: Rule, zone: int | None, why: str) -> set[FlowC
     return out
 
 
-def _member_flows(port: Port, rule: Rule, old: Snapshot, new: Snapshot,
+class _LostMembers:
+    """Members each remote group or address group lost, computed once per group."""
+
+    def __init__(self, old: Snapshot, new: Snapshot) -> None:
+        self.old, self.new = old.policy, new.policy
+        self.any = (self.old.members != self.new.members
+                    or self.old.address_groups != self.new.address_groups)
+        self._cache: dict[tuple[str, str, int], frozenset[str]] = {}
+
+    def of(self, rule: Rule) -> frozenset[str]:
+        key = (rule.remote_group_id or "", rule.remote_address_group_id or "", rule.family)
+        if key not in self._cache:
+            self._cache[key] = self._compute(rule)
+        return self._cache[key]
+
+    def _compute(self, rule: Rule) -> frozenset[str]:
+        if rule.remote_group_id:
+            group = rule.remote_group_id
+            return frozenset(set(self.old.members.get(group, {}).get(rule.family, ())) -
+                             set(self.new.members.get(group, {}).get(rule.family, ())))
+        if rule.remote_address_group_id:
+            ag = rule.remote_address_group_id
+            return frozenset(set(self.old.address_groups.get(ag, ())) -
+                             set(self.new.address_groups.get(ag, ())))
+        return frozenset()
+
+
+def _member_flows(port: Port, rule: Rule, lost: _LostMembers,
                   zone: int | None) -> set[FlowCut]:
-    group = rule.remote_group_id
-    if group:
-        gone = set(old.policy.members.get(group, {}).get(rule.family, ())) - \
-            set(new.policy.members.get(group, {}).get(rule.family, ()))
-    elif rule.remote_address_group_id:
-        ag = rule.remote_address_group_id
-        gone = set(old.policy.address_groups.get(ag, ())) - \
-            set(new.policy.address_groups.get(ag, ()))
-    else:
+    gone = lost.of(rule)
+    if not gone:
         return set()
+    group = rule.remote_group_id
     out = set()
     why = f"a member of {group or rule.remote_address_group_id} was removed"
     for net in gone:
         member = ipaddress.ip_network(net)
         if member.num_addresses != 1 or member.version != rule.family:
-            continue  # conntrack -D takes addresses, not networks
+            continue  # cuts match single addresses, not networks
         remote = str(member.network_address)
         for ip in _addresses(port):
             if ipaddress.ip_address(ip).version != rule.family:
