@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from agent.compiler.names import Names
 from agent.dataplane.backend import Backend
 from agent.dataplane.command import KernelWriteError
+from agent.dataplane.heap import release_heap
 from agent.dataplane.ipsets import IpsetWriter, KernelSet, parse_ipset_save, plan_ipsets
 from agent.dataplane.plan import KernelTable, TablePlan, parse_save, plan_table
 from agent.dataplane.restore_backend import normalise_proto
@@ -123,6 +124,8 @@ class Engine:
                         report.ipset_members_added, report.ipset_members_removed)
         self.last_desired = desired
         report.in_sync = self.in_sync(desired) if verify and report.changed else True
+        if report.refreshed or report.changed:
+            release_heap()  # a re-read or a write dropped large temporaries
         report.seconds = time.monotonic() - start
         return report
 

@@ -75,8 +75,10 @@ XTTYPE_NONE = 0
 MAX_VALUES = 2
 # getopt's index into argv, which an old-style parser advances past extra values.
 OPTIND = ctypes.c_int.in_dll(ctypes.CDLL(None), "optind")
-# Distinct specs (or blobs, or names) a builder remembers before it starts over.
-MAX_CACHED_SPECS = 20_000
+# Distinct specs (or blobs, or names) a builder keeps after a commit. Most
+# specs are port-specific (their comment carries a hash), so a larger cache
+# buys little and costs about 1 KB a spec in RSS.
+MAX_CACHED_SPECS = 5_000
 
 
 class SpecError(ValueError):
@@ -241,7 +243,12 @@ class RuleBuilder:
         self._specs: dict[str, Built] = {}
 
     def begin(self) -> None:
-        """Start a commit: forget kernel-resolved blobs; bound the caches."""
+        """Start a commit: forget kernel-resolved blobs."""
+        self._volatile.clear()
+
+    def end(self) -> None:
+        """End a commit: bound the caches, so a cold apply's tens of thousands of
+        specs (about 1 KB each with their ctypes buffers) are not kept."""
         self._volatile.clear()
         caches = (self._specs, self._blobs, self._is_extension)
         if max(len(cache) for cache in caches) > MAX_CACHED_SPECS:
@@ -456,6 +463,7 @@ class IptcBackend:
                 finally:
                     if table is not None:
                         table.close()  # frees the copy; uncommitted changes are dropped
+                    self._builders[plan.family].end()
 
     def _build_all(self, plan: TablePlan) -> dict[str, Built]:
         """Every spec the plan appends, inserts or deletes, translated before the lock."""
