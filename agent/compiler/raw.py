@@ -27,7 +27,24 @@ def mixed_statefulness(port: Port, snap: Snapshot) -> bool:
     return len(flags) > 1
 
 
+# One slot, as filter.py's: the raw table depends on the local ports, their
+# groups' statefulness, bridges and zones, not on members.
+_last_raw: tuple[tuple[object, ...], dict[tuple[int, str], Table]] | None = None
+
+
 def compile_raw(snap: Snapshot, local: list[Port]) -> dict[tuple[int, str], Table]:
+    """The raw tables; the very same objects while their inputs are unchanged."""
+    global _last_raw
+    key = (tuple(local), snap.policy.groups, snap.bridges, snap.zones, snap.settings)
+    last = _last_raw
+    if last is not None and last[0] == key:
+        return last[1]
+    tables = _build_raw(snap, local)
+    _last_raw = (key, tables)
+    return tables
+
+
+def _build_raw(snap: Snapshot, local: list[Port]) -> dict[tuple[int, str], Table]:
     settings = snap.settings
     names = settings.names
     tables = {}

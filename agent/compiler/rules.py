@@ -92,8 +92,14 @@ def remote_sets(rules: Iterable[Rule], snap: Snapshot) -> dict[str, IpSet]:
         else:
             members = frozenset(set_members(n for n in snap.policy.address_groups.get(
                 rule.remote_address_group_id or "", ()) if (":" in n) == (rule.family == 6)))
-        out[name] = IpSet(name, rule.family, members)
+        out[name] = _ipset(name, rule.family, members)
     return out
+
+
+@lru_cache(maxsize=1 << 12)
+def _ipset(name: str, family: int, members: frozenset[str]) -> IpSet:
+    """The same IpSet object while a set is unchanged, so the engine can skip it."""
+    return IpSet(name, family, members)
 
 
 @lru_cache(maxsize=1 << 12)

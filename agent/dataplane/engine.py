@@ -131,12 +131,14 @@ class Engine:
 
     def _write(self, desired: Ruleset, report: ApplyReport, force: bool) -> None:
         assert self.view is not None and self.set_view is not None
-        set_plan = plan_ipsets(desired.ipsets, self.set_view)
+        settled_sets = self._settled_sets(desired, report, force)
+        set_plan = plan_ipsets(desired.ipsets, self.set_view, settled_sets)
         self.ipsets.restore(set_plan.before)
         report.ipset_members_added = set_plan.added
         report.ipset_members_removed = set_plan.removed
         for name, want in desired.ipsets.items():
-            self.set_view[name] = KernelSet(name, want.family, want.kind, set(want.members))
+            if name not in settled_sets:
+                self.set_view[name] = KernelSet(name, want.family, want.kind, set(want.members))
 
         for plan in self.plans(desired, self.view, force, self._settled(desired, report, force)):
             LOG.debug("commit %s v%d:\n%s", plan.table, plan.family, plan.script())
@@ -170,6 +172,15 @@ class Engine:
             return frozenset()
         return frozenset(key for key, table in desired.tables.items()
                          if last.tables.get(key) is table)
+
+    def _settled_sets(self, desired: Ruleset, report: ApplyReport,
+                      force: bool) -> frozenset[str]:
+        """Sets that are the very objects of the last good apply, with no re-read since."""
+        last = self.last_desired
+        if last is None or report.refreshed or force:
+            return frozenset()
+        return frozenset(name for name, ipset in desired.ipsets.items()
+                         if last.ipsets.get(name) is ipset)
 
     def in_sync(self, desired: Ruleset) -> bool:
         """True when a fresh read of the kernel needs no change at all."""

@@ -54,9 +54,13 @@ class IpsetPlan:
         return not self.before and not self.after
 
 
-def plan_ipsets(desired: Mapping[str, IpSet], actual: Mapping[str, KernelSet]) -> IpsetPlan:
+def plan_ipsets(desired: Mapping[str, IpSet], actual: Mapping[str, KernelSet],
+                settled: frozenset[str] = frozenset()) -> IpsetPlan:
+    """The restore lines turning `actual` into `desired`; `settled` sets are known to match."""
     plan = IpsetPlan()
     for name, want in sorted(desired.items()):
+        if name in settled:
+            continue
         have = actual.get(name)
         if have and (have.kind != want.kind or have.family != want.family):
             # Names carry the family and the kind never changes, so this is drift
