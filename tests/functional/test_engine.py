@@ -152,6 +152,23 @@ def test_member_change_touches_only_the_ipset(writer: Writer) -> None:
     assert "10.9.9.9" in members
 
 
+def test_unchanged_tables_are_skipped_until_a_refresh_finds_drift(writer: Writer) -> None:
+    """A members-only change hands the engine the very same tables: they are not
+    compared (and a tamper since goes unseen) until a refresh re-reads the kernel."""
+    first = compiled(policy(4), devices=2)
+    writer.call(lambda e: e.apply(first))
+    raw = policy(4)
+    raw["ports"][3]["fixed_ips"].append("10.9.9.9")
+    second = compiled(raw, devices=2)
+    assert second.tables[(4, "filter")] is first.tables[(4, "filter")]
+    writer.ipt("-F", Names().port_chain("i", "tap0000"))
+    report = writer.call(lambda e: e.apply(second))
+    assert (report.tables_written, report.ipset_members_added) == ([], 1)
+    repaired = writer.call(lambda e: e.apply(second, refresh=True, verify=True))
+    assert repaired.tables_written == ["filter/v4"] and repaired.drift_repaired
+    assert repaired.in_sync
+
+
 @pytest.mark.parametrize("tamper", [
     "flush", "delete_rule", "append_rule", "delete_hook", "duplicate_hook",
     "stale_chain", "ipset_member", "ipset_extra",
