@@ -32,6 +32,7 @@ from functools import lru_cache
 
 from agent.compiler.dispatch import build_tree
 from agent.compiler.inputs import Settings, Snapshot
+from agent.compiler.memo import LastCall
 from agent.compiler.names import Names
 from agent.compiler.rules import remote_sets, render_sg_rule
 from agent.compiler.spoof import spoof_rules
@@ -74,7 +75,8 @@ def compile_filter(snapshot: Snapshot) -> FilterResult:
     whole and only the sets are computed again.
     """
     groups = snapshot.policy.groups
-    tables = _filter_tables(tuple(local_ports(snapshot)), groups, snapshot.settings)
+    local = tuple(local_ports(snapshot))
+    tables = _last_tables((local, groups, snapshot.settings), local, groups, snapshot.settings)
     ipsets = remote_sets(tables.used_rules, snapshot)
     return FilterResult(Ruleset(tables.tables, ipsets), tables.active_ports,
                         tables.port_chains, tables.errors)
@@ -87,24 +89,6 @@ class _Tables:
     port_chains: dict[str, tuple[str, ...]]
     errors: tuple[str, ...]
     used_rules: tuple[Rule, ...]
-
-
-# One slot: the last inputs and tables. Tuple and dict equality check identity
-# first, so an unchanged policy compares in microseconds; replaced whole, so
-# concurrent callers see either the old or the new pair.
-_last_tables: tuple[tuple[object, ...], _Tables] | None = None
-
-
-def _filter_tables(local: tuple[Port, ...], groups: Mapping[str, tuple[Rule, ...]],
-                   settings: Settings) -> _Tables:
-    global _last_tables
-    key = (local, groups, settings)
-    last = _last_tables
-    if last is not None and last[0] == key:
-        return last[1]
-    result = _build_tables(local, groups, settings)
-    _last_tables = (key, result)
-    return result
 
 
 def _build_tables(local: tuple[Port, ...], groups: Mapping[str, tuple[Rule, ...]],
@@ -144,6 +128,10 @@ def _build_tables(local: tuple[Port, ...], groups: Mapping[str, tuple[Rule, ...]
     return _Tables(tables, tuple(p.id for p in local),
                    {p: tuple(dict.fromkeys(c)) for p, c in port_chains.items()},
                    tuple(errors), tuple(dict.fromkeys(used_rules)))
+
+
+# The tables do not depend on members: a members-only change reuses them whole.
+_last_tables: LastCall[_Tables] = LastCall(_build_tables)
 
 
 # ---------------------------------------------------------------- shared chains

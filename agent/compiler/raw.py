@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 
 from agent.compiler.inputs import Snapshot
+from agent.compiler.memo import LastCall
 from agent.dataplane.ruleset import Table, TableBuilder, render_rule
 from agent.model import Port
 
@@ -27,21 +28,14 @@ def mixed_statefulness(port: Port, snap: Snapshot) -> bool:
     return len(flags) > 1
 
 
-# One slot, as filter.py's: the raw table depends on the local ports, their
-# groups' statefulness, bridges and zones, not on members.
-_last_raw: tuple[tuple[object, ...], dict[tuple[int, str], Table]] | None = None
-
-
 def compile_raw(snap: Snapshot, local: list[Port]) -> dict[tuple[int, str], Table]:
-    """The raw tables; the very same objects while their inputs are unchanged."""
-    global _last_raw
+    """The raw tables; the very same objects while their inputs are unchanged.
+
+    They depend on the local ports, their groups' statefulness, bridges and
+    zones, not on members.
+    """
     key = (tuple(local), snap.policy.groups, snap.bridges, snap.zones, snap.settings)
-    last = _last_raw
-    if last is not None and last[0] == key:
-        return last[1]
-    tables = _build_raw(snap, local)
-    _last_raw = (key, tables)
-    return tables
+    return _last_raw(key, snap, local)
 
 
 def _build_raw(snap: Snapshot, local: list[Port]) -> dict[tuple[int, str], Table]:
@@ -85,3 +79,6 @@ def _addresses(port: Port, family: int) -> list[str]:
     nets += [p.ip_address for p in port.allowed_address_pairs
              if ipaddress.ip_network(p.ip_address).version == family]
     return list(dict.fromkeys(nets))
+
+
+_last_raw: LastCall[dict[tuple[int, str], Table]] = LastCall(_build_raw)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from agent.compiler.names import Names
 from agent.dataplane.backend import Backend
@@ -29,6 +31,8 @@ from agent.dataplane.ipsets import IpsetWriter, KernelSet, parse_ipset_save, pla
 from agent.dataplane.plan import KernelTable, TablePlan, parse_save, plan_table
 from agent.dataplane.restore_backend import normalise_proto
 from agent.dataplane.ruleset import TABLE_ORDER, Ruleset
+
+K = TypeVar("K", bound=Hashable)
 
 LOG = logging.getLogger(__name__)
 
@@ -131,7 +135,7 @@ class Engine:
 
     def _write(self, desired: Ruleset, report: ApplyReport, force: bool) -> None:
         assert self.view is not None and self.set_view is not None
-        settled_sets = self._settled_sets(desired, report, force)
+        settled_tables, settled_sets = self._settled(desired, report, force)
         set_plan = plan_ipsets(desired.ipsets, self.set_view, settled_sets)
         self.ipsets.restore(set_plan.before)
         report.ipset_members_added = set_plan.added
@@ -140,7 +144,7 @@ class Engine:
             if name not in settled_sets:
                 self.set_view[name] = KernelSet(name, want.family, want.kind, set(want.members))
 
-        for plan in self.plans(desired, self.view, force, self._settled(desired, report, force)):
+        for plan in self.plans(desired, self.view, force, settled_tables):
             LOG.debug("commit %s v%d:\n%s", plan.table, plan.family, plan.script())
             self.backend.commit(plan)
             plan.apply_to(self.view[plan.family].setdefault(plan.table, KernelTable(plan.table)))
@@ -160,33 +164,30 @@ class Engine:
                 report.warnings.append(f"could not {line} (retried next apply): {exc}")
 
     def _settled(self, desired: Ruleset, report: ApplyReport,
-                 force: bool) -> frozenset[tuple[int, str]]:
-        """Tables that are the very objects of the last good apply, with no re-read since.
+                 force: bool) -> tuple[frozenset[tuple[int, str]], frozenset[str]]:
+        """Tables and sets that are the very objects of the last good apply, with
+        no re-read since: (table keys, set names).
 
-        The compiler hands back the same Table object while its inputs are
+        The compiler hands back the same objects while their inputs are
         unchanged (a members-only change, say), and the view already matches
-        it, so comparing its thousands of chains again would find nothing.
+        them, so comparing their thousands of chains or members again would
+        find nothing.
         """
         last = self.last_desired
         if last is None or report.refreshed or force:
-            return frozenset()
-        return frozenset(key for key, table in desired.tables.items()
-                         if last.tables.get(key) is table)
-
-    def _settled_sets(self, desired: Ruleset, report: ApplyReport,
-                      force: bool) -> frozenset[str]:
-        """Sets that are the very objects of the last good apply, with no re-read since."""
-        last = self.last_desired
-        if last is None or report.refreshed or force:
-            return frozenset()
-        return frozenset(name for name, ipset in desired.ipsets.items()
-                         if last.ipsets.get(name) is ipset)
+            return frozenset(), frozenset()
+        return _same_objects(desired.tables, last.tables), _same_objects(desired.ipsets,
+                                                                         last.ipsets)
 
     def in_sync(self, desired: Ruleset) -> bool:
         """True when a fresh read of the kernel needs no change at all."""
         sets = self.read_sets()
         set_plan = plan_ipsets(desired.ipsets, sets)
         return not set_plan.before and not self.plans(desired, self.read())
+
+
+def _same_objects(desired: Mapping[K, object], last: Mapping[K, object]) -> frozenset[K]:
+    return frozenset(key for key, value in desired.items() if last.get(key) is value)
 
 
 def _table_rank(name: str) -> int:
