@@ -41,7 +41,15 @@ from typing import Any
 import pytest
 
 from tests.support.agent import AgentProcess
-from tests.support.topology import VM, Server, Topology, popen_in, run_in, serve
+from tests.support.topology import (
+    VM,
+    Server,
+    Topology,
+    kill_process,
+    popen_in,
+    run_in,
+    serve,
+)
 
 RAWPROBE = str(Path(__file__).with_name("rawprobe.py"))
 _PY = (sys.executable, "-I", "-S")
@@ -393,12 +401,7 @@ class IcmpSniffer:
         self.log.write_text("")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        kill_process(self.proc)
 
     def __enter__(self) -> IcmpSniffer:
         return self
@@ -431,12 +434,7 @@ class TcpSession:
         return self.proc.stdout.readline().strip() or "CLOSED"
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=5)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        kill_process(self.proc)
 
     def __enter__(self) -> TcpSession:
         return self

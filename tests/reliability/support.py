@@ -37,7 +37,7 @@ from agent.dataplane.restore_backend import normalise_proto
 from agent.model import parse_policy
 from agent.sources.policy_file import derive_members
 from tests.support.agent import AgentProcess
-from tests.support.topology import VM, popen_in, run_in
+from tests.support.topology import VM, kill_process, popen_in, run_in
 
 SCALE = max(1, int(os.environ.get("HOSTFW_SOAK_SCALE", "1") or 1))
 UDPSTREAM = str(Path(__file__).with_name("udpstream.py"))
@@ -141,9 +141,7 @@ class EchoServer:
         return count
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+        kill_process(self.proc)
 
 
 class Stream:
@@ -181,6 +179,13 @@ class TapPort:
                 "mac_address": f"fa:16:3e:10:{i >> 8:02x}:{i & 0xff:02x}",
                 "fixed_ips": [f"10.77.{i >> 8}.{(i & 0xff) + 1}", f"fd00:77::{i + 1:x}"],
                 "security_groups": groups}
+
+
+def plug_tap_ports(ns: str, count: int) -> list[TapPort]:
+    """`count` synthetic ports, their taps created on the node's bridge."""
+    taps = [TapPort(i) for i in range(count)]
+    add_taps(ns, [t.device for t in taps])
+    return taps
 
 
 GROUPS = ("sg-a", "sg-b", "sg-c", "sg-d")

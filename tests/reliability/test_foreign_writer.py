@@ -20,9 +20,9 @@ import pytest
 from agent.dataplane.plan import jump_target
 from tests.reliability.support import (
     NAMES,
-    TapPort,
     add_taps,
     backend_params,
+    plug_tap_ports,
     random_policy,
     read_kernel,
     scaled,
@@ -87,8 +87,7 @@ def test_foreign_rules_survive_many_applies(topology: Topology, tmp_path, backen
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     ns = topology.node.ns
-    taps = [TapPort(i) for i in range(TAPS)]
-    add_taps(ns, [t.device for t in taps])
+    taps = plug_tap_ports(ns, TAPS)
     present = {t.device for t in taps}
     cli = tool(backend)
     topology.node.run([cli, "-w", "-N", FOREIGN])

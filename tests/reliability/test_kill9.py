@@ -24,11 +24,10 @@ from collections import Counter
 import pytest
 
 from tests.reliability.support import (
-    TapPort,
-    add_taps,
     backend_params,
     expected_tables,
     kernel_owned,
+    plug_tap_ports,
     random_policy,
     read_kernel,
     reference_problems,
@@ -61,8 +60,7 @@ def test_sigkill_during_applies_leaves_whole_generations_and_restart_converges(
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     ns = topology.node.ns
-    taps = [TapPort(i) for i in range(TAPS)]
-    add_taps(ns, [t.device for t in taps])
+    taps = plug_tap_ports(ns, TAPS)
     devices = {t.device for t in taps}
     docs = [random_policy(rng, taps)]
     agent = AgentProcess(tmp_path, ns, docs[0], backend=backend)

@@ -28,6 +28,8 @@ import subprocess
 import tempfile
 import time
 
+from tests.support.topology import pid_alive
+
 HOST = "127.0.0.1"
 NODE_PREFIX = "hfwt-"
 
@@ -54,16 +56,6 @@ def port_open(port: int, timeout: float = 0.2) -> bool:
             return True
     except OSError:
         return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Broker:
@@ -150,7 +142,7 @@ def stop_leftovers() -> list[str]:
     host = socket.gethostname().split(".")[0]
     stopped = []
     for pid in re.findall(rf"^name {NODE_PREFIX}(\d+) at port", names, re.MULTILINE):
-        if not _alive(int(pid)):
+        if not pid_alive(int(pid)):
             node = f"{NODE_PREFIX}{pid}@{host}"
             _ctl("-n", node, "stop", check=False)
             stopped.append(node)

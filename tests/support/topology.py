@@ -118,11 +118,8 @@ def list_namespaces(prefix: str = NS_PREFIX) -> list[str]:
     return [n for n in names if n.startswith(prefix)]
 
 
-def _owner_alive(ns: str) -> bool:
-    try:
-        pid = int(ns[len(NS_PREFIX):].split("-", 1)[0])
-    except ValueError:
-        return False
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (it may belong to another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -130,6 +127,27 @@ def _owner_alive(ns: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def kill_process(proc: subprocess.Popen) -> None:
+    """Kill a helper process (idempotent), reap it and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # pragma: no cover - kernel stuck
+        pass
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def _owner_alive(ns: str) -> bool:
+    try:
+        pid = int(ns[len(NS_PREFIX):].split("-", 1)[0])
+    except ValueError:
+        return False
+    return pid_alive(pid)
 
 
 def cleanup_leftovers(force: bool = False) -> list[str]:
@@ -280,15 +298,7 @@ class Server:
 
     def stop(self) -> None:
         """Kill the server process (idempotent)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:  # pragma: no cover - kernel stuck
-            pass
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        kill_process(self.proc)
 
 
 # --------------------------------------------------------------------------
