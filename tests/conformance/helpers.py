@@ -331,9 +331,11 @@ def server_saw(server: Server, src: str, proto: str, port: int, *, sport: int | 
 
 
 def spoof_send(src_vm: VM, src_ip: str, dst_vm: VM, server: Server, port: int = 9999, *,
-               mac: str | None = None, dst_ip: str | None = None,
+               mac: str | None = None, dst_ip: str | None = None, sport: int = 0,
                timeout: float = FAIL) -> bool:
     """Whether a datagram from (`src_ip`, `mac`) sent by `src_vm` reaches `dst_vm`.
+
+    `sport` fixes the source port (0: any), e.g. to forge another flow's.
 
     Why not `send_spoofed`: the destination's neighbour entry is pinned
     first, so a blocked probe proves the firewall dropped *the datagram*;
@@ -357,8 +359,8 @@ def spoof_send(src_vm: VM, src_ip: str, dst_vm: VM, server: Server, port: int = 
         # After a MAC change the kernel flushes the neighbour table: pin it now.
         src_vm.run(["ip", "neigh", "replace", dst_ip, "lladdr", dst_vm.mac, "dev", "eth0",
                     "nud", "permanent"])
-        udp_send(src_vm, dst_ip, port, src=src_ip, dev="eth0")
-        return server_saw(server, src_ip, "udp", port, timeout=timeout)
+        udp_send(src_vm, dst_ip, port, src=src_ip, sport=sport, dev="eth0")
+        return server_saw(server, src_ip, "udp", port, sport=sport or None, timeout=timeout)
     finally:
         src_vm.run(["ip", "neigh", "del", dst_ip, "dev", "eth0"], check=False)
         if mac:
