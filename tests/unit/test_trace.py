@@ -167,6 +167,30 @@ def test_spoofed_source_is_dropped_by_the_port_chain() -> None:
     assert right_mac.verdict == ACCEPT
 
 
+def test_a_known_session_is_accepted_without_walking_any_group() -> None:
+    """The fast path: after the sender's pair, the shared checks accept it."""
+    reply, _ = probe("tapweb", "tcp", direction="egress", dst="10.0.0.3", sport=80,
+                     dport=40000, ctstate="ESTABLISHED")
+    assert reply.verdict == ACCEPT
+    assert not any(s.chain.startswith(("hostfw-gi", "hostfw-ge")) for s in reply.steps)
+    assert [s.chain for s in reply.steps if "known session" in (s.rule or "")] == \
+        ["hostfw-common-e4", "hostfw-common-i4"]
+    # tcp/81 is open in no group: NEW is dropped, the established reply is not.
+    assert probe("tapclient", "tcp", src="10.0.0.2", dport=81)[0].verdict == DROP
+    assert probe("tapclient", "tcp", src="10.0.0.2", dport=81,
+                 ctstate="ESTABLISHED")[0].verdict == ACCEPT
+
+
+def test_a_forged_known_session_stops_at_the_senders_pairs() -> None:
+    """outsider forges client's address on client's established flow to web."""
+    forged, _ = probe("tapweb", "tcp", src="10.0.0.3", dport=80, peer="tapoutsider",
+                      ctstate="ESTABLISHED")
+    assert forged.verdict == DROP
+    assert effects(forged)[-2:] == [("hostfw-ooutsider", "go to hostfw-bad-source4"),
+                                    ("hostfw-bad-source4", DROP)]
+    assert not any("known session" in (s.rule or "") for s in forged.steps)
+
+
 def test_ipv6_neighbour_discovery_is_allowed_and_echo_is_not() -> None:
     client_ll = eui64_link_local(MAC["client"])
     solicit, packet = probe("tapweb", "icmpv6", src=client_ll, dst="ff02::1:ff00:2",
