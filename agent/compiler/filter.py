@@ -112,39 +112,39 @@ def _build_tables(local: tuple[Port, ...], groups: Mapping[str, tuple[Rule, ...]
     names = settings.names
     errors = [f"port {p.id!r}: security group {g!r} is unknown; it allows nothing"
               for p in local for g in p.security_groups if g not in groups]
-    tables: dict[tuple[int, str], Table] = {}
-    port_chains: dict[str, list[str]] = {}
-    used_rules: list[Rule] = []
     kinds = {g: frozenset(r.stateful for r in rules) for g, rules in groups.items()}
-    for family in settings.families:
+    mixed: dict[tuple[str, ...], bool] = {}
+    entries: list[_PortEntry] = []
+    used_rules: list[Rule] = []
+    for port in local:
+        used_rules += port.security_group_rules
+        if not port.port_security_enabled:
+            continue
+        port_groups = tuple(g for g in port.security_groups if g in groups)
+        if port_groups not in mixed:
+            mixed[port_groups] = len(frozenset().union(*(kinds[g] for g in port_groups))) > 1
+        if mixed[port_groups]:
+            errors.append(f"port {port.id!r}: cannot build its chains (it mixes stateful "
+                          f"and stateless security groups); dropping all its traffic")
+            entries.append(_drop_all(port, settings))
+            continue
+        try:
+            entries.append(_port_entry(port, port_groups, settings))
+        except ValueError as exc:
+            errors.append(f"port {port.id!r}: cannot build its chains ({exc}); "
+                          f"dropping all its traffic")
+            entries.append(_drop_all(port, settings))
+    tables: dict[tuple[int, str], Table] = {}
+    for index, family in enumerate(settings.families):
         builder = TableBuilder(family, "filter")
         _skeleton(builder, names, settings.accept_mark)
         builder.chains.update(shared_chains(names, family, settings.accept_mark))
         profiles: dict[str, Profile] = {}
-        for port in local:
-            if not port.port_security_enabled:
-                continue
-            port_groups = tuple(g for g in port.security_groups if g in groups)
-            if len(frozenset().union(*(kinds[g] for g in port_groups))) > 1:
-                errors.append(f"port {port.id!r}: cannot build its chains (it mixes stateful "
-                              f"and stateless security groups); dropping all its traffic")
-                chains = _drop_all_chains(port, names)
-            else:
-                try:
-                    chains, port_profiles = _port_chains(port, family, port_groups, settings)
-                except ValueError as exc:
-                    errors.append(f"port {port.id!r}: cannot build its chains ({exc}); "
-                                  f"dropping all its traffic")
-                    chains = _drop_all_chains(port, names)
-                else:
-                    profiles.update(port_profiles)
-                    port_chains.setdefault(port.id, []).extend(port_profiles)
-            builder.chains.update(chains)
-            port_chains.setdefault(port.id, []).extend(chains)
-            used_rules += port.security_group_rules
-        for profile in profiles.values():
-            name, rules = _profile_chain(profile, settings)
-            builder.chains[name] = rules
+        for entry in entries:
+            builder.chains.update(entry.chains[index])
+            profiles.update(entry.profiles[index])
+        for name, profile in profiles.items():
+            builder.chains[name] = _profile_chain(profile, settings)[1]
         for group in sorted({g for p in profiles.values() for g in p.groups}):
             builder.chains.update(_group_chains(group, groups[group], family, settings))
             used_rules += groups[group]
@@ -153,8 +153,18 @@ def _build_tables(local: tuple[Port, ...], groups: Mapping[str, tuple[Rule, ...]
     if len(errors) > 1:
         errors = list(dict.fromkeys(errors))
     return _Tables(tables, tuple(p.id for p in local),
-                   {p: tuple(sorted(dict.fromkeys(c))) for p, c in port_chains.items()},
+                   {entry.port_id: entry.chain_names for entry in entries},
                    tuple(errors), tuple(dict.fromkeys(used_rules)))
+
+
+@dataclass(frozen=True)
+class _PortEntry:
+    """One port's chains and profiles, per family in `settings.families` order."""
+
+    port_id: str
+    chains: tuple[dict[str, tuple[str, ...]], ...]
+    profiles: tuple[dict[str, Profile], ...]
+    chain_names: tuple[str, ...]          # its own chains and its profiles, for `show`
 
 
 # The tables do not depend on members: a members-only change reuses them whole.
@@ -242,15 +252,29 @@ def _profile_chain(profile: Profile, settings: Settings) -> tuple[str, tuple[str
     return names.chain(f"p{direction[0]}{family}-{digest}"), tuple(rules)
 
 
-def _drop_all_chains(port: Port, names: Names) -> dict[str, tuple[str, ...]]:
+def _drop_all(port: Port, settings: Settings) -> _PortEntry:
+    """The entry of a port whose chains cannot be built: i and o drop everything."""
+    names = settings.names
     drop = (render_rule("-j DROP", comment="policy error drop all"),)
-    return {names.port_chain("i", port.device): drop,
-            names.port_chain("o", port.device): drop}
+    chains = {names.port_chain("i", port.device): drop,
+              names.port_chain("o", port.device): drop}
+    families = settings.families
+    return _PortEntry(port.id, tuple(chains for _ in families), tuple({} for _ in families),
+                      tuple(sorted(chains)))
 
 
 # ---------------------------------------------------------------- per-port chains
 
 @lru_cache(maxsize=1 << 14)
+def _port_entry(port: Port, groups: tuple[str, ...], settings: Settings) -> _PortEntry:
+    """One port's chains for every family: one cache lookup per port and compile."""
+    per_family = [_port_chains(port, family, groups, settings) for family in settings.families]
+    chains = tuple(c for c, _ in per_family)
+    profiles = tuple(p for _, p in per_family)
+    names = sorted({n for c in chains for n in c} | {n for p in profiles for n in p})
+    return _PortEntry(port.id, chains, profiles, tuple(names))
+
+
 def _port_chains(port: Port, family: int, groups: tuple[str, ...], settings: Settings
                  ) -> tuple[dict[str, tuple[str, ...]], dict[str, Profile]]:
     """One port's i and o chains for one family, and its two profiles by chain name.
