@@ -31,6 +31,8 @@ allows let it through just the same.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from agent.compiler.names import Names
 from agent.dataplane.ruleset import render_rule
 
@@ -54,6 +56,7 @@ def bad_source_chain(names: Names, family: int) -> str:
     return names.chain(f"bad-source{family}")
 
 
+@lru_cache(maxsize=64)
 def shared_chains(names: Names, family: int, mark: int) -> dict[str, tuple[str, ...]]:
     """The family's shared chains (see the module docstring), by name."""
     accept = f"-g {names.chain('accept')}"

@@ -812,6 +812,28 @@ def test_a_member_change_touches_no_chain() -> None:
         "192.0.2.1/32"}
 
 
+def test_a_member_change_gives_the_very_same_tables() -> None:
+    """The engine skips a table that is the very object it applied last."""
+    before = compile_doc(SCALE_DOC, SCALE_DEVICES).ruleset
+    more = dict(SCALE_DOC, sg_member_ips={"sg-b": {"IPv4": [["192.0.2.9", None]]}})
+    after = compile_doc(more, SCALE_DEVICES).ruleset
+    assert all(after.tables[key] is table for key, table in before.tables.items())
+
+
+def test_a_rule_change_renders_only_that_groups_chain_anew() -> None:
+    """Port, profile, shared and dispatch chains come back as the very same objects."""
+    before = compile_doc(SCALE_DOC, SCALE_DEVICES).ruleset.tables[(4, "filter")].chains
+    changed = dict(SCALE_DOC, security_groups=dict(
+        SCALE_DOC["security_groups"], **{"sg-b": [rule_dict(protocol="udp", port_range_min=55),
+                                                  rule_dict("egress")]}))
+    after = compile_doc(changed, SCALE_DEVICES).ruleset.tables[(4, "filter")].chains
+    assert after["hostfw-ge4-sg-b"] == before["hostfw-ge4-sg-b"]
+    assert after.keys() == before.keys()
+    anew = {name for name in after if after[name] is not before[name]}
+    # The skeleton is a few fresh tuples; sg-b's chains are rendered again, both directions.
+    assert anew - SKELETON.keys() == {"hostfw-gi4-sg-b", "hostfw-ge4-sg-b"}
+
+
 def dispatch_chain(name: str) -> bool:
     return name in ("hostfw-from", "hostfw-to") or name.startswith(("hostfw-from-",
                                                                      "hostfw-to-"))
