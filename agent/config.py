@@ -51,6 +51,11 @@ AGENT_OPTS = [
     cfg.FloatOpt("batch_window", default=0.02, min=0.0,
                  help="Seconds to wait for more events before applying, so that bursts "
                       "coalesce into one apply."),
+    cfg.FloatOpt("report_interval", default=30.0, min=0.0,
+                 help="RPC mode: seconds between report_state heartbeats to Neutron "
+                      "(q-reports-plugin), so that 'openstack network agent list' shows "
+                      "this agent alive. Keep it well below Neutron's agent_down_time. "
+                      "0: no heartbeats (hostfw-controller needs none)."),
 ]
 
 FIREWALL_OPTS = [

@@ -154,6 +154,10 @@ class Policy:
     members: Mapping[str, Mapping[int, frozenset[str]]] = field(default_factory=dict)
     address_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
+    # Devices of Neutron's own `network:*` ports (DHCP, routers), which Neutron
+    # leaves out of the ports and lets through unfiltered (agent/sources/
+    # device_details.py). A device that is also a port's is filtered as a port.
+    trusted_devices: frozenset[str] = frozenset()
 
 
 # ---------------------------------------------------------------- primitives
