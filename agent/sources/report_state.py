@@ -123,7 +123,7 @@ class StateReporter:
         with self._lock:
             start_flag = self._start_flag
         kwargs = report_kwargs(agent_state(self.host, configurations, start_flag),
-                               datetime.datetime.now(datetime.timezone.utc))
+                               datetime.datetime.now(datetime.UTC))
         client = self._client.prepare(timeout=max(self.interval, 1.0), retry=0)
         try:
             answer = client.call(rpc_api.admin_context(), rpc_api.REPORT_STATE_METHOD,
