@@ -21,12 +21,15 @@ import pytest
 from oslo_messaging.rpc.dispatcher import ExpectedException
 
 from agent.controller.endpoint import SecurityGroupInfo, Snapshot, device_details
+from agent.model import Policy
 from agent.sources import rpc_api
 from agent.sources.device_details import (
     DeviceDetail,
     fetch_device_details,
     parse_details,
     read_only_host,
+    unexplained,
+    with_trusted,
 )
 from agent.sources.policy_file import load_policy_text
 from agent.sources.rpc_messages import MalformedReply
@@ -119,6 +122,18 @@ def snapshot() -> Snapshot:
     policy = load_policy_text(POLICY)
     assert policy.errors == ()
     return Snapshot.of(policy)
+
+
+def test_only_devices_without_a_port_are_asked_about_and_trust_joins_the_policy() -> None:
+    policy = load_policy_text(POLICY)
+    assert unexplained([VM_TAP, DHCP_TAP, "tapnobody0000"], policy) == ["tapnobody0000"]
+    pulled = Policy(ports=tuple(p for p in policy.ports if p.id == VM_ID))
+    asked = unexplained([VM_TAP, DHCP_TAP, "tapnobody0000"], pulled)
+    assert asked == [DHCP_TAP, "tapnobody0000"]
+    reply = [ml2_entry(DHCP_TAP, DHCP_ID, "network:dhcp"), "junk"]
+    delivered = with_trusted(pulled, parse_details(asked, reply))
+    assert delivered.trusted_devices == {DHCP_TAP} and delivered.ports == pulled.ports
+    assert len(delivered.errors) == 1 and "entry 1" in delivered.errors[0]
 
 
 def test_the_controller_answers_as_ml2_does() -> None:
