@@ -146,8 +146,9 @@ def fetch_device_details(client: messaging.RPCClient, devices: Sequence[str],
     failed call fails the whole fetch, and a malformed reply raises
     `MalformedReply`.
     """
-    prepared = client.prepare(version=rpc_api.DEVICE_DETAILS_VERSION, timeout=timeout,
-                              retry=0)
+    prepared = client.prepare(   # as the security group pull: fail fast, unrouted fails
+        version=rpc_api.DEVICE_DETAILS_VERSION, timeout=timeout, retry=0,
+        transport_options=messaging.TransportOptions(at_least_once=True))
     results = []
     for start in range(0, len(devices), chunk_size):
         chunk = list(devices[start:start + chunk_size])
