@@ -5,7 +5,7 @@
   through the `neutron.agent.firewall_drivers` entry point of the installed
   package, treats it as a no-op firewall (so it does no security group work
   of its own), and the expression the OVS agent reports as `ovs_hybrid_plug`
-  is true.
+  is true; a tripwire checks that the OVS agent still reports it that way.
 - report_state: our reporter's heartbeats, over the broker, reach Neutron's
   `AgentExtRpcCallback` behind neutron-lib's RPC server; its
   `AgentDbMixin` (on an sqlite file) stores them, and `get_agents`, what
@@ -104,6 +104,21 @@ def test_the_ovs_agent_loads_hostfw_and_reports_hybrid_plugging(neutron_rpc) -> 
     assert not sg_agent.firewall.provides_arp_spoofing_protection
     assert sg_agent.noopfirewall_or_firewall_disabled
     sg_agent.prepare_devices_filter(["tap0"])   # skipped: no RPC, no chains
+
+
+def test_the_ovs_agent_still_reports_what_its_firewall_driver_declares() -> None:
+    """A tripwire on the OVS agent itself, whose constructor needs a running Open
+    vSwitch (Neutron's own unit test of this is skipped): it must still read
+    the flag off `sg_agent.firewall` and report it as `ovs_hybrid_plug`."""
+    import inspect
+
+    from neutron.plugins.ml2.drivers.openvswitch.agent import ovs_neutron_agent
+
+    source = " ".join(inspect.getsource(ovs_neutron_agent.OVSNeutronAgent.__init__).split())
+    assert "hybrid_plug = getattr(self.sg_agent.firewall, 'OVS_HYBRID_PLUG_REQUIRED', " \
+        "False)" in source
+    assert "portbindings.OVS_HYBRID_PLUG: hybrid_plug" in source
+    assert "self.sg_agent = agent_sg_rpc.SecurityGroupAgentRpc(" in source
 
 
 # ---------------------------------------------------------------- report_state
