@@ -48,9 +48,10 @@ AGENT_OPTS = [
                     "own namespace."),
     cfg.StrOpt("unknown_device_policy", default="drop", choices=["drop", "accept"],
                help="What a device_prefix netdev with no known port gets."),
-    cfg.FloatOpt("batch_window", default=0.02, min=0.0,
-                 help="Seconds to wait for more events before applying, so that bursts "
-                      "coalesce into one apply."),
+    cfg.FloatOpt("batch_window", default=0.0, min=0.0,
+                 help="Seconds the writer waits for more events after the first one of a "
+                      "burst. 0 (the default) acts on the first event at once; whatever "
+                      "arrives while an apply runs is applied together right after it."),
 ]
 
 FIREWALL_OPTS = [

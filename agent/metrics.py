@@ -120,6 +120,7 @@ class Observer:
         self._last_apply_at: float | None = None    # unix time, for /healthz
         self._last_ping: float | None = None
         self._last_status = ""
+        self._writer_error: str | None = None      # the last action failed; cleared by an apply
         self._backend: Backend | None = None
         self._server: _Server | None = None
 
@@ -141,6 +142,12 @@ class Observer:
             "From an event being queued (devices, policy, resync request) to the end of "
             "the apply that put its result in the kernel.",
             ["kind"], buckets=PROGRAMMING_BUCKETS, registry=registry)
+        self.writer_errors = Counter(
+            "hostfw_writer_errors_total",
+            "Actions of the writer (apply, kernel re-read, read-back) that raised; the writer "
+            "backs off and keeps the last good rules. kind=kernel: a kernel tool failed; "
+            "kind=internal: anything else (a bug, or input the checks missed).",
+            ["kind"], registry=registry)
         self.events = Counter(
             "hostfw_events", "Events queued for the writer, by kind.", ["kind"],
             registry=registry)
@@ -186,6 +193,8 @@ class Observer:
                 counter.labels(tool)
         for op in ("add", "remove"):
             self.ipset_member_changes.labels(op)
+        for kind in ("kernel", "internal"):
+            self.writer_errors.labels(kind)
 
     # ------------------------------------------------------------ shells (any thread)
 
@@ -225,6 +234,7 @@ class Observer:
             first = self._applied is None
             self._applied = applied
             self._last_apply_at = wall
+            self._writer_error = None
         for kind, queued_at in taken:
             self.programming_seconds.labels(kind).observe(now - queued_at)
         sync = "in sync" if applied.in_sync else "NOT in sync with the kernel"
@@ -236,6 +246,14 @@ class Observer:
         """A failed apply; the changes it carried stay pending (and count for /healthz)."""
         self.apply_failures.inc()
         self._status(f"apply failed, retrying: {error[:STATUS_ERROR_CHARS]}")
+
+    def writer_failed(self, error: str, kernel: bool) -> None:
+        """An action of the writer raised; until an apply succeeds the agent is
+        neither ready nor healthy (the kernel keeps the last good rules)."""
+        self.writer_errors.labels("kernel" if kernel else "internal").inc()
+        with self._lock:
+            self._writer_error = error
+        self._status(f"writer error, backing off: {error[:STATUS_ERROR_CHARS]}")
 
     def waiting_for_policy(self) -> None:
         """The writer consumed the changes and deliberately wrote nothing: it keeps the
@@ -306,7 +324,9 @@ class Observer:
         with self._lock:
             pending, oldest = self._pending(now)
             alive, last_apply_at = self._last_alive, self._last_apply_at
-        problems = []
+            writer_error = self._writer_error
+        problems = [f"the writer is backing off after an error: {writer_error}"] \
+            if writer_error else []
         if oldest is not None and oldest > self.health_timeout:
             problems.append(f"a change has waited {oldest:.1f} s without an apply "
                             f"(limit {self.health_timeout:g} s)")
@@ -323,8 +343,9 @@ class Observer:
         """(ready, the /readyz document): ready once the first apply completed."""
         with self._lock:
             applied = self._applied
-        return applied is not None, {
-            "ready": applied is not None,
+            ready = applied is not None and self._writer_error is None
+        return ready, {
+            "ready": ready,
             "generation": applied.generation if applied else 0,
             "in_sync": applied.in_sync if applied else False,
         }
@@ -464,8 +485,13 @@ class _CountingBackend:
         self._inner = inner
         self._observer = observer
 
-    def save(self, family: int) -> str:
-        return self._observer.kernel_call("read", _iptables(family), self._inner.save, family)
+    def save(self, family: int, table: str | None = None) -> str:
+        args = (family, table) if table else (family,)
+        return self._observer.kernel_call("read", _iptables(family), self._inner.save, *args)
+
+    def list_chain(self, family: int, table: str, chain: str) -> str | None:
+        return self._observer.kernel_call("read", _iptables(family), self._inner.list_chain,
+                                          family, table, chain)
 
     def commit(self, plan: TablePlan) -> None:
         self._observer.kernel_call("write", _iptables(plan.family), self._inner.commit, plan)
@@ -481,8 +507,8 @@ class _CountingIpsetWriter(IpsetWriter):
         super().__init__()
         self._observer = observer
 
-    def save(self) -> str:
-        return self._observer.kernel_call("read", "ipset", super().save)
+    def save(self, *names: str) -> str:
+        return self._observer.kernel_call("read", "ipset", super().save, *names)
 
     def restore(self, lines: list[str]) -> None:
         if lines:

@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from agent.dataplane.command import run
+from agent.dataplane.command import KernelWriteError, run
 from agent.dataplane.ruleset import IpSet
 
 FAMILY_WORD = {4: "inet", 6: "inet6"}
@@ -85,8 +85,18 @@ def plan_ipsets(desired: Mapping[str, IpSet], actual: Mapping[str, KernelSet],
 class IpsetWriter:
     """Runs `ipset` in the caller's network namespace (the writer thread's)."""
 
-    def save(self) -> str:
-        return run(["ipset", "save"])
+    def save(self, *names: str) -> str:
+        """Every set, or only `names` (each read alone; a missing one is left out)."""
+        if not names:
+            return run(["ipset", "save"])
+        out = []
+        for name in names:
+            try:
+                out.append(run(["ipset", "save", name]))
+            except KernelWriteError as exc:
+                if "does not exist" not in str(exc):
+                    raise
+        return "".join(out)
 
     def restore(self, lines: list[str]) -> None:
         if lines:
