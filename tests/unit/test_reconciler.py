@@ -151,7 +151,7 @@ def test_failed_applies_back_off_then_force() -> None:
     rec = ready()
     rec.policy_changed()
     now = T0
-    for attempt in range(FORCE_AFTER_FAILURES):
+    for _ in range(FORCE_AFTER_FAILURES):
         action = rec.next_action(now)
         assert action == Apply(force=False)
         rec.failed(action)
