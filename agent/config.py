@@ -95,9 +95,10 @@ RPC_OPTS = [
     cfg.IntOpt("chunk_size", default=20, min=1,
                help="Devices per security_group_info_for_devices call (Neutron's "
                     "rpc_resources_processing_step)."),
-    cfg.FloatOpt("batch_window", default=0.1, min=0.0,
-                 help="Seconds to gather notifications before pulling, so that a burst "
-                      "of them costs one pull."),
+    cfg.FloatOpt("batch_window", default=0.0, min=0.0,
+                 help="Seconds to wait for more notifications after the first before "
+                      "pulling. 0 (the default) pulls at once; notifications that arrive "
+                      "during a pull are gathered into the next one."),
     cfg.FloatOpt("retry_max_interval", default=10.0, min=0.1,
                  help="Longest wait between pull attempts while the broker or the "
                       "controller is unreachable (exponential backoff with jitter)."),

@@ -15,6 +15,7 @@ Rules of this room:
    | devices / policy changed  | one incremental apply (no read before it)     |
    | member-only change        | the same apply; it writes ipsets only         |
    | an apply that wrote       | a read-back of what it wrote, `CHECK_DELAY` on|
+   |                           | (over `CHECK_MAX` chains: a stepwise re-read) |
    | read-back found drift     | an incremental apply that repairs it          |
    | resync (agent-ctl, timer) | a full re-read in small steps, then an apply  |
    | resync --wait             | the same, then a verifying re-read            |
@@ -36,6 +37,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 CHECK_DELAY = 1.0            # seconds after a write before it is read back
+CHECK_MAX = 32               # chains + sets beyond which a stepwise full re-read is cheaper
 FORCE_AFTER_FAILURES = 3     # failed applies in a row before every chain is rewritten
 MAX_RETRY_DELAY = 30.0
 
@@ -134,6 +136,11 @@ class Reconciler:
         if self.dirty or final:   # a refresh's last apply repairs, and verifies for waiters
             return Apply(force=self.failures >= FORCE_AFTER_FAILURES,
                          verify=final and bool(self.waiters))
+        if self.check_at is not None and now >= self.check_at and \
+                sum(map(len, self.touched.values())) + len(self.sets_touched) > CHECK_MAX:
+            # A large write (a cold start, say): one table at a time beats a read per chain.
+            self.touched, self.sets_touched, self.check_at = {}, set(), None
+            self.refresh_wanted = True
         if self.refresh_steps is None and self.refresh_wanted:
             source, self.refresh_wanted, self.refresh_source = self.refresh_source, False, False
             self.waiters, self.next_waiters = self.next_waiters, []

@@ -240,8 +240,8 @@ class Engine:
             report.hook_changes += len(plan.hook_inserts) + len(plan.hook_deletes)
             report.lines_written += len(plan.lines())
             report.touched.setdefault((plan.family, plan.table), set()).update(
-                *plan.rewrites, *plan.deletes, *(chain for chain, _ in plan.hook_inserts),
-                *(chain for chain, _ in plan.hook_deletes))
+                plan.rewrites, plan.deletes, (chain for chain, _ in plan.hook_inserts),
+                (chain for chain, _ in plan.hook_deletes))
 
         for line in set_plan.after:
             name = line.split()[1]

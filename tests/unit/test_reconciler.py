@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from agent.reconciler import (
     CHECK_DELAY,
+    CHECK_MAX,
     FORCE_AFTER_FAILURES,
     Apply,
     BeginRefresh,
@@ -73,6 +74,15 @@ def test_read_back_covers_what_every_write_touched_and_drift_repairs() -> None:
                             (6, "filter"): frozenset({"hostfw-sg-b"})}, frozenset())
     rec.checked(drift=True)
     assert rec.next_action(T0 + 2) == Apply()
+
+
+def test_a_large_write_is_read_back_table_by_table() -> None:
+    rec = ready()
+    rec.policy_changed()
+    rec.next_action(T0)
+    rec.applied(True, {(4, "filter"): {f"c{i}" for i in range(CHECK_MAX + 1)}}, set())
+    assert rec.next_action(T0 + CHECK_DELAY) == BeginRefresh(source=False)
+    assert rec.check_at is None
 
 
 def test_an_apply_that_wrote_nothing_schedules_no_read() -> None:
