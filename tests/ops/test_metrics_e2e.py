@@ -33,6 +33,7 @@ EXPECTED = {
     "hostfw_oldest_pending_change_seconds", "hostfw_last_apply_chains_written",
     "hostfw_last_apply_lines_written", "hostfw_rules", "hostfw_chains", "hostfw_ipsets",
     "hostfw_ipset_members", "hostfw_xtables_lock_waits", "hostfw_source_error",
+    "hostfw_build_info",
     "process_cpu_seconds",
 }
 
