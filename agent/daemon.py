@@ -421,17 +421,22 @@ def parse_args(argv: list[str] | None) -> cfg.ConfigOpts:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--version" in argv:  # before any config file is read; exit 0 like argparse's
+        from agent import version_line
+        print(version_line("hostfw-agent"))
+        return 0
     try:
-        conf = parse_args(sys.argv[1:] if argv is None else argv)
+        conf = parse_args(argv)
     except cfg.Error as exc:
         print(f"hostfw-agent: {exc}", file=sys.stderr)
         return 2
-    oslo_logging.setup(conf, "hostfw")  # stderr (journald) unless configured otherwise
-    problems = config.validate(conf)
+    problems = config.validate(conf)  # reads every option: oslo.log's too, before setup
     if problems:
         for problem in problems:
             print(f"hostfw-agent: {problem}", file=sys.stderr)
         return 2
+    oslo_logging.setup(conf, "hostfw")  # stderr (journald) unless configured otherwise
     if conf.agent.netns and not os.path.exists(netns.netns_path(conf.agent.netns)):
         print(f"hostfw-agent: [agent] netns {conf.agent.netns!r} does not exist",
               file=sys.stderr)
