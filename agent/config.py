@@ -210,9 +210,10 @@ def validate(conf: cfg.ConfigOpts) -> list[str]:
 
     oslo.config checks a value against its option's type only when the value
     is read, so a bad one (`conntrack_zones = maybe`) would otherwise surface
-    as a traceback wherever it is first used. Every registered option (hostfw's,
-    oslo.log's, oslo.messaging's) is read here once; then the checks between
-    options that no single type can express.
+    as a traceback wherever it is first used. Every registered option (hostfw's
+    and oslo.log's; oslo.messaging registers its own only when the transport is
+    made) is read here once; then the checks between options that no single
+    type can express.
     """
     problems = value_problems(conf)
     return problems or _nat_problems(conf)
