@@ -38,7 +38,7 @@ import tenacity
 from oslo_config import cfg
 from oslo_log import log as oslo_logging
 
-from agent import config, netns
+from agent import config, netns, version_line
 from agent.admin.server import AdminServer
 from agent.compiler import Compiled, NatSettings, Settings, Snapshot, compile_ruleset, zones
 from agent.compiler.flows import floating_ip_cuts, flows_to_cut
@@ -401,7 +401,7 @@ def parse_args(argv: list[str] | None) -> cfg.ConfigOpts:
     conf = cfg.CONF
     config.register_opts(conf)
     config.set_log_defaults(conf)
-    conf(argv, project="hostfw", prog="hostfw-agent",
+    conf(argv, project="hostfw", prog="hostfw-agent", version=version_line("hostfw-agent"),
          default_config_files=[f for f in ["/etc/hostfw/agent.conf"] if os.path.exists(f)])
     return conf
 
@@ -412,12 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     except cfg.Error as exc:
         print(f"hostfw-agent: {exc}", file=sys.stderr)
         return 2
-    oslo_logging.setup(conf, "hostfw")  # stderr (journald) unless configured otherwise
-    problems = config.validate(conf)
+    problems = config.validate(conf)  # reads every option: oslo.log's too, before setup
     if problems:
         for problem in problems:
             print(f"hostfw-agent: {problem}", file=sys.stderr)
         return 2
+    oslo_logging.setup(conf, "hostfw")  # stderr (journald) unless configured otherwise
     if conf.agent.netns and not os.path.exists(netns.netns_path(conf.agent.netns)):
         print(f"hostfw-agent: [agent] netns {conf.agent.netns!r} does not exist",
               file=sys.stderr)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import platform
 import socket
 import threading
 import time
@@ -48,8 +49,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+import agent
 from agent import sdnotify
 from agent.compiler import Compiled
+from agent.dataplane import xtables_lock
 from agent.dataplane.backend import Backend
 from agent.dataplane.engine import ApplyReport
 from agent.dataplane.ipsets import IpsetWriter
@@ -121,13 +124,15 @@ class Observer:
         self._last_ping: float | None = None
         self._last_status = ""
         self._writer_error: str | None = None      # the last action failed; cleared by an apply
-        self._backend: Backend | None = None
         self._server: _Server | None = None
 
         disable_created_metrics()  # the *_created series only double the scrape
         self.registry = registry = CollectorRegistry()
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=registry)
+        Gauge("hostfw_build_info", "Always 1; the labels say which hostfw runs (the version "
+              "setuptools-scm derived from git) on which Python.", ["version", "python"],
+              registry=registry).labels(agent.version(), platform.python_version()).set(1)
         self.apply_seconds = Histogram(
             "hostfw_apply_duration_seconds",
             "Time the engine took for a successful apply (kernel read, writes, verify). "
@@ -293,7 +298,6 @@ class Observer:
 
     def counted(self, backend: Backend) -> Backend:
         """`backend`, counting its reads, commits and their errors."""
-        self._backend = backend
         return _CountingBackend(backend, self)
 
     def counted_ipsets(self) -> IpsetWriter:
@@ -360,14 +364,6 @@ class Observer:
         """(changes queued or taken but not applied, age of the oldest); under the lock."""
         stamps = [q[0] for q in self._queued.values() if q] + [at for _, at in self._taken]
         return len(stamps), (now - min(stamps) if stamps else None)
-
-    def lock_waits(self) -> int:
-        """Waits for the xtables lock, if the backend counts them (`lock_waits`).
-
-        Neither backend does today: iptables-restore --wait waits inside the
-        tool, and the iptc backend's xtables_lock does not count. Reported as 0.
-        """
-        return int(getattr(self._backend, "lock_waits", 0) or 0)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -457,8 +453,10 @@ class _StateCollector(Collector):
                 family.add_metric([str(version)], count)
             yield family
         yield CounterMetricFamily(
-            "hostfw_xtables_lock_waits", "Times a kernel write waited for the xtables lock "
-            "(0: no backend counts its waits yet).", value=self.observer.lock_waits())
+            "hostfw_xtables_lock_waits", "Times the agent found the xtables lock held by "
+            "another writer and waited (the iptc backend takes the lock itself; "
+            "iptables-restore waits inside the tool, uncounted).",
+            value=xtables_lock.waits())
         yield from _source_metrics(self.observer.source_status())
 
 

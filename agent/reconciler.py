@@ -144,6 +144,8 @@ class Reconciler:
         if self.refresh_steps is None and self.refresh_wanted:
             source, self.refresh_wanted, self.refresh_source = self.refresh_source, False, False
             self.waiters, self.next_waiters = self.next_waiters, []
+            # The re-read covers every earlier write; later ones are read back anew.
+            self.touched, self.sets_touched, self.check_at = {}, set(), None
             return BeginRefresh(source=source)
         if self.refresh_steps:
             return RefreshStep(self.refresh_steps[0])

@@ -33,7 +33,7 @@ EXPECTED = {
     "hostfw_oldest_pending_change_seconds", "hostfw_last_apply_chains_written",
     "hostfw_last_apply_lines_written", "hostfw_rules", "hostfw_chains", "hostfw_ipsets",
     "hostfw_ipset_members", "hostfw_xtables_lock_waits", "hostfw_source_error",
-    "hostfw_writer_errors",
+    "hostfw_writer_errors", "hostfw_build_info",
     "process_cpu_seconds",
 }
 
@@ -80,6 +80,7 @@ def test_every_metric_is_exported(served: Served) -> None:
 
 def test_an_apply_moves_the_counters(served: Served) -> None:
     agent, base = served.agent, served.base
+    agent.resync()   # the start's own re-read is over
     before = scrape(base)
     assert metric(before, "hostfw_ready") == 1
     assert metric(before, "hostfw_generation") == agent.status()["generation"]

@@ -110,6 +110,21 @@ def test_resync_is_a_stepwise_reread_then_a_verifying_apply() -> None:
     assert rec.next_action(T0) is None
 
 
+def test_a_refresh_replaces_the_pending_read_back() -> None:
+    rec = ready()
+    rec.policy_changed()
+    rec.next_action(T0)
+    rec.applied(True, {(4, "filter"): {"c"}}, set())
+    rec.resync_asked()
+    assert rec.next_action(T0) == BeginRefresh()
+    rec.refresh_planned([None])
+    rec.next_action(T0)
+    rec.step_done()
+    rec.next_action(T0)
+    rec.applied(False, {}, set())
+    assert rec.next_action(T0 + 2 * CHECK_DELAY) is None
+
+
 def test_a_resync_without_waiters_does_not_verify() -> None:
     rec = ready()
     rec.resync_asked()
