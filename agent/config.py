@@ -112,8 +112,8 @@ NAT_OPTS = [
                help="The VMs' IPv4 network (CIDR), e.g. 10.0.0.0/24. Setting it turns on "
                     "nova-network style NAT on this node: floating IPs of local ports, host "
                     "SNAT, the metadata redirect and the DHCP/DNS accepts. Empty: no NAT "
-                    "chains at all, and ports' floating_ips are ignored. IPv4 only. Needs "
-                    "[firewall] conntrack_zones = false."),
+                    "chains at all, and ports' floating_ips are ignored. IPv4 only. Works "
+                    "with [firewall] conntrack_zones on or off."),
     cfg.StrOpt("routing_source_ip", default="",
                help="Address the fixed range is SNATed to when leaving the node (the host "
                     "SNAT). Empty: no host SNAT, VMs without a floating IP keep their fixed "
@@ -236,11 +236,8 @@ def _nat_problems(conf: cfg.ConfigOpts) -> list[str]:
     if nat.fixed_range and _valid(nat.fixed_range, "network") and \
             ipaddress.IPv4Network(nat.fixed_range, strict=False).prefixlen == 0:
         problems.append("[nat] fixed_range must not be 0.0.0.0/0")
-    if nat.fixed_range and conf.firewall.conntrack_zones:
-        # A routed flow enters from the bridge in its zone and from the public
-        # side in zone 0: its replies would never match, so NAT would not undo.
-        problems.append("[nat] needs [firewall] conntrack_zones = false: NAT tracks flows "
-                        "that cross bridges and the public interface in one zone")
+    # No refusal of conntrack_zones: agent/compiler/nat.py (`raw_zones`) keys
+    # the public and the node's side of each NAT flow to its bridge's zone.
     return problems
 
 

@@ -2,7 +2,8 @@
 
 Rules of this room: pure. CT is not a terminating target and only the first
 CT rule a packet meets takes effect, so NOTRACK rules of stateless ports come
-first, then the zone rules.
+first, then the zone rules. With NAT on, agent/compiler/nat.py adds the zone
+rules of routed flows (`raw_zones`) around the bridge rules.
 
 NOTRACK is scoped to the port, never the node: packets *from* a stateless
 port are matched by `--physdev-in`; packets *to* it by its bridge (`-i`, or
@@ -21,6 +22,7 @@ import ipaddress
 
 from agent.compiler.inputs import Snapshot
 from agent.compiler.memo import LastCall
+from agent.compiler.nat import raw_zones
 from agent.dataplane.ruleset import Table, TableBuilder, render_rule
 from agent.model import Port
 
@@ -73,6 +75,10 @@ def _build_raw(snap: Snapshot, local: list[Port]) -> dict[tuple[int, str], Table
                                                 comment=note))
                 b.chain(out).append(render_rule("-j CT --notrack", dst=ip, out_iface=bridge,
                                                 comment=note))
+        nat = raw_zones(snap, local) if family == 4 else None
+        if nat:
+            b.chain(pre).extend(nat.prerouting_first)
+            b.chain(out).extend(nat.output_first)
         if settings.conntrack_zones:
             for bridge in bridges:
                 zone = snap.zones.get(bridge)
@@ -83,6 +89,8 @@ def _build_raw(snap: Snapshot, local: list[Port]) -> dict[tuple[int, str], Table
                                                 comment=note))
                 b.chain(out).append(render_rule(f"-j CT --zone {zone}", out_iface=bridge,
                                                 comment=note))
+        if nat:
+            b.chain(pre).extend(nat.prerouting_last)
         tables[(family, "raw")] = b.build()
     return tables
 
