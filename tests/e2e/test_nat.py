@@ -212,6 +212,37 @@ class input_policy_drop:  # noqa: N801 - reads as a statement in a `with`
         self.topo.node.run(["iptables-legacy", "-P", "INPUT", "ACCEPT"])
 
 
+# ---------------------------------------------------------------- DMZ
+
+@pytest.mark.parametrize("zones", ZONES)
+def test_the_dmz_sees_fixed_ips_both_ways(tmp_path, zones: bool) -> None:
+    """With the outside in dmz_cidr (and a route back to the fixed range), a
+    VM's flow leaves with its fixed IP, and the outside reaches a VM's fixed
+    IP directly. With zones, the packets routed in to the fixed IP must get
+    the zone of the VM's bridge, or the VM's flows never see their replies.
+    """
+    require_kernel()
+    with Topology() as topo:
+        vms, policy = build(topo)
+        vms["outside"].run(["ip", "route", "add", "10.0.0.0/24", "via", NODE_PUBLIC])
+        conf = nat_conf(zones).replace("dhcp_bridges", "dmz_cidr = 203.0.113.0/24\ndhcp_bridges")
+        agent = AgentProcess(tmp_path, topo.node.ns, policy, extra_conf=conf)
+        outside = serve(vms["outside"], tcp=[8080])
+        inside = serve(vms["b"], tcp=[80])
+        try:
+            agent.start()
+            assert tcp_connect(vms["a"], OUTSIDE, 8080)
+            assert tcp_connect(vms["b"], OUTSIDE, 8080)
+            assert outside.sources("tcp", 8080) == {vms["a"].ipv4, vms["b"].ipv4}
+            assert tcp_connect(vms["outside"], vms["b"].ipv4, 80)
+            assert inside.saw(OUTSIDE, "tcp", 80, timeout=1)
+        finally:
+            outside.stop()
+            inside.stop()
+            agent.stop()
+            assert_root_clean()
+
+
 # ---------------------------------------------------------------- removal
 
 class HeldConnection:
