@@ -147,6 +147,19 @@ def plan_ipsets(desired: Mapping[str, IpSet], actual: Mapping[str, KernelSet],
     return plan
 
 
+def written(want: IpSet, before: KernelSet | None) -> KernelSet:
+    """The kernel's set once a plan made it `want`, for the writer's view.
+
+    It keeps the `maxelem` read from the kernel while the plan only changed
+    members, and takes the planner's size when the plan created or rebuilt
+    the set, so the next plan needs no re-read to know when to grow.
+    """
+    kept = before is not None and before.kind == want.kind and \
+        before.family == want.family and len(want.members) <= before.capacity
+    maxelem = before.maxelem if kept and before else maxelem_for(len(want.members))
+    return KernelSet(want.name, want.family, want.kind, set(want.members), maxelem)
+
+
 def _create(name: str, want: IpSet) -> str:
     return (f"create {name} {want.kind} family {FAMILY_WORD[want.family]} "
             f"maxelem {maxelem_for(len(want.members))}")

@@ -18,6 +18,7 @@ from agent.dataplane.ipsets import (
     parse_ipset_save,
     plan_ipsets,
     temporary_name,
+    written,
 )
 from agent.dataplane.ruleset import IpSet
 
@@ -237,3 +238,18 @@ def test_an_unread_maxelem_is_assumed_no_bigger_than_the_members_prove() -> None
     assert KernelSet("x", 4, "hash:net", {str(i) for i in range(10)}).capacity == 65536
     assert KernelSet("x", 4, "hash:net", {str(i) for i in range(70000)}).capacity == 131072
     assert KernelSet("x", 4, "hash:net", set(), 1 << 20).capacity == 1 << 20
+
+
+def test_the_view_after_a_plan_keeps_the_kernels_maxelem_or_takes_the_new_one() -> None:
+    """For the writer's view (agent/dataplane/engine.py): a set only given
+    members keeps the maxelem read from the kernel, so a later growth past it
+    is planned as a rebuild instead of failing with `Hash is full`."""
+    small = KernelSet("hfw4gx", 4, "hash:net", {"10.0.0.1/32"}, 2)
+    grown = written(want("hfw4gx", 4, "10.0.0.1/32", "10.0.0.2/32"), small)
+    assert grown.maxelem == 2 and grown.members == {"10.0.0.1/32", "10.0.0.2/32"}
+    assert plan_ipsets({"hfw4gx": want("hfw4gx", 4, "10.0.0.1/32", "10.0.0.2/32",
+                                       "10.0.0.3/32")}, {"hfw4gx": grown}).before[-2] == \
+        f"swap {temporary_name('hfw4gx')} hfw4gx"
+    rebuilt = written(want("hfw4gx", 4, "10.0.0.1/32", "10.0.0.2/32", "10.0.0.3/32"), small)
+    assert rebuilt.maxelem == 65536
+    assert written(want("hfw4gy", 4), None).maxelem == 65536
