@@ -6,6 +6,8 @@ Each case once broke the whole node, not just the object at fault:
   IPv4 packet of the node, so stateful ports lost their replies;
 - a stateless port's address untracked the same address on every bridge, so
   another tenant reusing it lost its return traffic;
+- a rule with ports but no port protocol (`{ingress, port_range_min: 22}`)
+  rendered as allow-all;
 - a remote group over the kernel's default ipset size (65,536) made the one
   `ipset restore` of every apply fail, so no other change landed;
 - sets of other tools sharing the ipset prefix (`hfw-allow`, `hfwd_ports`)
@@ -132,6 +134,35 @@ def test_a_tenant_reusing_a_stateless_ports_address_on_another_bridge_keeps_its_
     finally:
         for server in servers:
             server.stop()
+        agent.stop()
+        assert_root_clean()
+
+
+# ---------------------------------------------------------------- rules
+
+@pytest.mark.parametrize("protocol", [None, "any", "0", "gre"])
+def test_ports_without_a_port_protocol_open_nothing(topology: Topology, tmp_path: Path,
+                                                    protocol: str | None) -> None:
+    """`{ingress, port_range_min: 22}` (or with protocol any, 0, gre) is
+    rejected naming the rule, so c stays closed on every port; the group's
+    other rule (tcp 7301) still works."""
+    b = topology.add_vm("b", ipv6=None)
+    c = topology.add_vm("c", ipv6=None)
+    server = serve(c, tcp=[22, PORT, PORT + 1])
+    bad: dict[str, Any] = {"direction": "ingress", "port_range_min": 22, "port_range_max": 22}
+    if protocol is not None:
+        bad["protocol"] = protocol
+    policy = {"security_groups": {"cl": CLIENT, "sv": [SERVER[0], bad]},
+              "ports": [vm_port(b, "cl"), vm_port(c, "sv")]}
+    agent = start_agent(tmp_path, topology, policy)
+    try:
+        errors = agent.status()["errors"]
+        assert any("security group 'sv' rule 1 has a port range" in e for e in errors), errors
+        assert tcp_connect(b, c.ipv4, PORT, PASS)
+        assert not tcp_connect(b, c.ipv4, PORT + 1, 0.5)
+        assert not tcp_connect(b, c.ipv4, 22, 0.5)
+    finally:
+        server.stop()
         agent.stop()
         assert_root_clean()
 
