@@ -67,8 +67,10 @@ FIREWALL_OPTS = [
                help="Every chain the agent owns starts with '<chain_prefix>-'. A letter, "
                     "then letters, digits or '_'; at most 12 characters."),
     cfg.StrOpt("ipset_prefix", default="hfw", regex=NAME_PREFIX_RE, max_length=8,
-               help="Every ipset the agent owns starts with this. A letter, then letters, "
-                    "digits or '_'; at most 8 characters."),
+               help="Every ipset the agent owns is named this, then 4 or 6 (the family), "
+                    "then its own part; other sets, even ones starting with this prefix, are "
+                    "never touched. A letter, then letters, digits or '_'; at most 8 "
+                    "characters."),
     cfg.StrOpt("accept_mark", default="0x1000000", regex=SINGLE_BIT_RE, max_length=10,
                help="The packet mark bit a security group's allow sets on its way back to "
                     "the port chain: one bit of 32, in hex (0x1 to 0x80000000). Pick a bit "
@@ -79,6 +81,11 @@ FIREWALL_OPTS = [
                      "entries can be deleted precisely."),
     cfg.BoolOpt("enable_ipv6", default=True,
                 help="Program ip6tables too. Turn off only on hosts without IPv6."),
+    cfg.IntOpt("ipset_max_members", default=1 << 20, min=1,
+               help="Largest remote or address group the agent puts in an ipset. A bigger "
+                    "one is refused on its own: its set stays empty, so its rules match "
+                    "nothing (fail closed), the error names it, and other changes still "
+                    "land."),
 ]
 
 ADMIN_OPTS = [
@@ -124,8 +131,8 @@ NAT_OPTS = [
                     "10.0.0.0/24. Setting it turns on nova-network style NAT on this node: "
                     "floating IPs of local ports, host SNAT, the metadata redirect and the "
                     "DHCP/DNS accepts. Empty: no NAT "
-                    "chains at all, and ports' floating_ips are ignored. IPv4 only. Needs "
-                    "[firewall] conntrack_zones = false."),
+                    "chains at all, and ports' floating_ips are ignored. IPv4 only. Works "
+                    "with [firewall] conntrack_zones on or off."),
     cfg.IPOpt("routing_source_ip", version=4,
               help="IPv4 address the fixed range is SNATed to when leaving the node (the "
                    "host SNAT). Unset: no host SNAT, VMs without a floating IP keep their "
@@ -214,11 +221,11 @@ def validate(conf: cfg.ConfigOpts) -> list[str]:
     is read, so a bad one (`conntrack_zones = maybe`) would otherwise surface
     as a traceback wherever it is first used. Every registered option (hostfw's
     and oslo.log's; oslo.messaging registers its own only when the transport is
-    made) is read here once; then the checks between options that no single
-    type can express.
+    made) is read here once. No check spans two options today: `[nat]` works
+    with conntrack zones on or off (agent/compiler/nat.py `raw_zones` keys both
+    sides of a NAT flow to its bridge's zone).
     """
-    problems = value_problems(conf)
-    return problems or _nat_problems(conf)
+    return value_problems(conf)
 
 
 def value_problems(conf: cfg.ConfigOpts) -> list[str]:
@@ -243,14 +250,3 @@ def value_problems(conf: cfg.ConfigOpts) -> list[str]:
 def _reason(exc: Exception) -> str:
     """oslo.config's message without its 'Value for option X from LocationInfo(...)'."""
     return str(exc).rpartition(" is not valid: ")[2]
-
-
-def _nat_problems(conf: cfg.ConfigOpts) -> list[str]:
-    """[nat] together with the rest of the configuration."""
-    problems = []
-    if conf.nat.fixed_range and conf.firewall.conntrack_zones:
-        # A routed flow enters from the bridge in its zone and from the public
-        # side in zone 0: its replies would never match, so NAT would not undo.
-        problems.append("[nat] needs [firewall] conntrack_zones = false: NAT tracks flows "
-                        "that cross bridges and the public interface in one zone")
-    return problems

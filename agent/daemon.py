@@ -86,6 +86,7 @@ def settings_from_conf(conf: cfg.ConfigOpts) -> Settings:
         accept_mark=int(conf.firewall.accept_mark, 0),
         conntrack_zones=conf.firewall.conntrack_zones,
         nat=nat_settings(conf),
+        max_set_members=conf.firewall.ipset_max_members,
     )
 
 
@@ -94,7 +95,7 @@ def nat_settings(conf: cfg.ConfigOpts) -> NatSettings | None:
     nat = conf.nat
     if not nat.fixed_range:
         return None
-    return NatSettings(fixed_range=nat.fixed_range, routing_source_ip=nat.routing_source_ip,
+    return NatSettings(fixed_range=nat.fixed_range, routing_source_ip=nat.routing_source_ip or "",
                        public_interface=nat.public_interface, dmz_cidr=tuple(nat.dmz_cidr),
                        metadata_host=nat.metadata_host, metadata_port=nat.metadata_port,
                        dhcp_bridges=tuple(nat.dhcp_bridges))

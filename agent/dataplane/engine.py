@@ -33,7 +33,13 @@ from agent.compiler.names import Names
 from agent.dataplane.backend import Backend
 from agent.dataplane.command import KernelWriteError
 from agent.dataplane.heap import release_heap
-from agent.dataplane.ipsets import IpsetWriter, KernelSet, parse_ipset_save, plan_ipsets
+from agent.dataplane.ipsets import (
+    IpsetWriter,
+    KernelSet,
+    parse_ipset_save,
+    plan_ipsets,
+    written,
+)
 from agent.dataplane.plan import KernelTable, TablePlan, parse_save, plan_table
 from agent.dataplane.restore_backend import normalise_proto
 from agent.dataplane.ruleset import TABLE_ORDER, Ruleset
@@ -228,7 +234,7 @@ class Engine:
         report.sets_touched = {line.split()[1] for line in set_plan.before}
         for name, want in desired.ipsets.items():
             if name not in settled_sets:
-                self.set_view[name] = KernelSet(name, want.family, want.kind, set(want.members))
+                self.set_view[name] = written(want, self.set_view.get(name))
 
         for plan in self.plans(desired, self.view, force, settled_tables):
             LOG.debug("commit %s v%d:\n%s", plan.table, plan.family, plan.script())
