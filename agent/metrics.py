@@ -15,7 +15,8 @@ Rules of this room:
    turned for that long (it turns at least every resync_interval). An idle
    agent is healthy.
 4. The HTTP server is started from the main thread, so it listens in the
-   agent's own network namespace, never in `[agent] netns`.
+   agent's own network namespace, never in `[agent] netns`. It is bounded:
+   a few connections (threads) at a time, each with a timeout.
 5. Every metric is `hostfw_*`, with its unit in the name; doc/operations.md
    lists them. A "full" apply is one that re-read the kernel first.
 """
@@ -31,7 +32,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, TypeVar
 
 from prometheus_client import (
@@ -49,6 +50,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from agent import sdnotify
+from agent.bounded import BoundedThreads
 from agent.compiler import Compiled
 from agent.dataplane.backend import Backend
 from agent.dataplane.engine import ApplyReport
@@ -67,6 +69,9 @@ PROGRAMMING_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 EVENT_KINDS = ("devices", "policy", "resync")  # what the daemon's shells queue
 KERNEL_TOOLS = ("iptables", "ip6tables", "ipset")
 STATUS_ERROR_CHARS = 200  # a STATUS= line is shown by `systemctl status`: keep it one line
+MAX_CONNECTIONS = 16  # concurrent HTTP connections (one thread each); scrapes are short
+IO_TIMEOUT = 5.0      # seconds a connection may take to send its request or read the answer
+BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 @dataclass(frozen=True)
@@ -493,17 +498,31 @@ def _iptables(family: int) -> str:
     return "ip6tables" if family == 6 else "iptables"
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(BoundedThreads, HTTPServer):
+    """One thread per connection, at most `MAX_CONNECTIONS` of them.
+
+    A connection over the cap is answered 503 and closed at once, and every
+    connection times out after `IO_TIMEOUT`: idle clients can hold neither
+    threads nor file descriptors, only the few slots, for a few seconds.
+    """
+
+    request_queue_size = 128
+    refusal = BUSY
 
     def __init__(self, address: tuple[str, int], observer: Observer, family: int) -> None:
         self.address_family = family
         self.observer = observer
+        self.io_timeout = IO_TIMEOUT
+        self.limit(MAX_CONNECTIONS)
         super().__init__(address, _Handler)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+
+    def setup(self) -> None:
+        self.timeout = self.server.io_timeout  # socket timeout for every read and write
+        super().setup()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         observer = self.server.observer
