@@ -71,6 +71,14 @@ FIREWALL_OPTS = [
                      "entries can be deleted precisely."),
     cfg.BoolOpt("enable_ipv6", default=True,
                 help="Program ip6tables too. Turn off only on hosts without IPv6."),
+    cfg.BoolOpt("manage_bridge_nf_call", default=False,
+                help="Set net.bridge.bridge-nf-call-iptables (and -ip6tables with IPv6) to "
+                     "1 in the managed namespace when they are 0. Without them bridged VM "
+                     "traffic bypasses every rule, and the agent reports itself not ready "
+                     "with an error until they are 1. Off: they are the node's "
+                     "configuration and the agent only reports them. Under the systemd "
+                     "unit /proc/sys is read-only (ProtectKernelTunables): turning this "
+                     "on needs a drop-in with ProtectKernelTunables=no."),
 ]
 
 ADMIN_OPTS = [

@@ -127,6 +127,9 @@ class Observer:
         self._last_status = ""
         self._backend: Backend | None = None
         self._server: _Server | None = None
+        self._bridge_nf: dict[int, bool] = {}      # ip version -> hook alive, as last checked
+        self._bridge_nf_problems: tuple[str, ...] = ()
+        self._foreign_ahead: dict[tuple[int, str, str], int] = {}  # (version, table, chain)
 
         disable_created_metrics()  # the *_created series only double the scrape
         self.registry = registry = CollectorRegistry()
@@ -249,6 +252,23 @@ class Observer:
             self._taken = []
         self._status("waiting for the first policy; keeping the rules found in the kernel")
 
+    def bridge_nf_checked(self, ok: Mapping[int, bool], problems: Iterable[str]) -> None:
+        """The bridge netfilter hook's state (agent/dataplane/brnf.py). While it is
+        dead (`problems`), the agent is not ready, whatever the applies say."""
+        problems = tuple(problems)
+        with self._lock:
+            self._bridge_nf = dict(ok)
+            self._bridge_nf_problems = problems
+        if problems:  # `systemctl status` shows it; READY=1 is not withdrawn (systemd
+            # would restart-loop a node that cannot enforce, which helps nobody)
+            self._status(f"NOT ENFORCING: {problems[0][:STATUS_ERROR_CHARS]}")
+
+    def foreign_rules_ahead(self, counts: Mapping[tuple[int, str, str], int]) -> None:
+        """Foreign rules ahead of our hooks, per (ip version, table, built-in chain), as
+        agent/dataplane/plan.py `rules_ahead_of_hooks` found them at the last read."""
+        with self._lock:
+            self._foreign_ahead = dict(counts)
+
     def loop_alive(self) -> None:
         """Called at every turn of the writer loop: liveness and the systemd watchdog.
 
@@ -303,7 +323,7 @@ class Observer:
     @property
     def ready(self) -> bool:
         with self._lock:
-            return self._applied is not None
+            return self._applied is not None and not self._bridge_nf_problems
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """(healthy, the /healthz document)."""
@@ -325,14 +345,24 @@ class Observer:
         }
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """(ready, the /readyz document): ready once the first apply completed."""
+        """(ready, the /readyz document): ready once the first apply completed, and
+        not while the node cannot enforce (a dead bridge netfilter hook)."""
         with self._lock:
-            applied = self._applied
-        return applied is not None, {
-            "ready": applied is not None,
+            applied, problems = self._applied, self._bridge_nf_problems
+        ready = applied is not None and not problems
+        doc: dict[str, Any] = {
+            "ready": ready,
             "generation": applied.generation if applied else 0,
             "in_sync": applied.in_sync if applied else False,
         }
+        if problems:
+            doc["problems"] = list(problems)
+        return ready, doc
+
+    def enforcement(self) -> tuple[dict[int, bool], dict[tuple[int, str, str], int]]:
+        """(bridge hook alive per ip version, foreign rules ahead of our hooks)."""
+        with self._lock:
+            return dict(self._bridge_nf), dict(self._foreign_ahead)
 
     def snapshot(self) -> tuple[Applied | None, int, float | None]:
         """(last apply, pending changes, age of the oldest) for the state collector."""
@@ -408,7 +438,8 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         applied, pending, oldest = self.observer.snapshot()
-        yield _gauge("hostfw_ready", "1 once the first apply completed.", applied is not None)
+        yield _gauge("hostfw_ready", "1 once the first apply completed, while the node can "
+                     "enforce (see hostfw_bridge_nf_call_ok).", self.observer.ready)
         yield _gauge("hostfw_in_sync", "1 when the last apply verified the kernel matches.",
                      bool(applied and applied.in_sync))
         yield _gauge("hostfw_generation", "Applies that changed or confirmed the kernel.",
@@ -440,6 +471,21 @@ class _StateCollector(Collector):
             for version, count in sorted(getattr(applied, attr, {}).items()):
                 family.add_metric([str(version)], count)
             yield family
+        bridge_nf, ahead = self.observer.enforcement()
+        family = GaugeMetricFamily(
+            "hostfw_bridge_nf_call_ok", "1 when net.bridge.bridge-nf-call-iptables "
+            "(ip_version 4) or -ip6tables (6) is 1 in the managed namespace; at 0 bridged "
+            "traffic bypasses every rule.", labels=["ip_version"])
+        for version, ok in sorted(bridge_nf.items()):
+            family.add_metric([str(version)], float(ok))
+        yield family
+        family = GaugeMetricFamily(
+            "hostfw_foreign_rules_ahead_of_hook", "Rules of other tools ahead of the "
+            "agent's hook in a built-in chain, at the last kernel read; an ACCEPT there "
+            "lets traffic past every security group.", labels=["ip_version", "table", "chain"])
+        for (version, table, chain), count in sorted(ahead.items()):
+            family.add_metric([str(version), table, chain], count)
+        yield family
         yield CounterMetricFamily(
             "hostfw_xtables_lock_waits", "Times a kernel write waited for the xtables lock "
             "(0: no backend counts its waits yet).", value=self.observer.lock_waits())
