@@ -16,12 +16,16 @@ from typing import Any
 import pytest
 
 from agent import netns
-from agent.compiler import Snapshot
+from agent.compiler import Snapshot, compile_ruleset
 from agent.compiler.flows import FlowCut
+from agent.compiler.names import Names
 from agent.compiler.stale_flows import FlowAudit
 from agent.dataplane import flowcut
+from agent.dataplane.engine import Engine
+from agent.dataplane.restore_backend import RestoreBackend
 from agent.model import parse_policy
-from tests.support.topology import Topology
+from tests.conformance.helpers import EGRESS_ALL, PASS, TcpSession, ingress, port_of
+from tests.support.topology import Topology, serve, tcp_connect
 
 pytestmark = [pytest.mark.kernel,
               pytest.mark.skipif(shutil.which("conntrack") is None,
@@ -147,3 +151,37 @@ def test_the_start_audit_cuts_what_the_policy_no_longer_allows(topology: Topolog
         f"10.0.0.20>10.0.0.10:80/{ZONE}", f"10.0.0.10>10.0.0.30:5432/{ZONE}",
         "10.0.0.20>10.0.0.10:22/7", f"{topology.node.ipv4}>10.0.0.10:22/{ZONE}",
         f"fd00::20>fd00::10:80/{ZONE}", f"fd00::20>fd00::10:icmp128/{ZONE}"}
+
+
+def test_the_audit_stops_a_revoked_connection_that_outlived_its_rule(
+        topology: Topology) -> None:
+    """Issue 14.5 with real packets: a policy that changed while no previous
+    snapshot was known (a restart) leaves the revoked connection established,
+    since RELATED,ESTABLISHED comes first. The audit stops it; a connection
+    the new policy still allows goes on."""
+    a, b = topology.add_vm("a"), topology.add_vm("b")
+    serve(a, tcp=[80, 5000])
+    bridges = {a.tap: topology.node.bridge, b.tap: topology.node.bridge}
+
+    def snapshot(rules: list[dict[str, Any]]) -> Snapshot:
+        policy = parse_policy({"security_groups": {"sg-a": rules, "sg-b": EGRESS_ALL},
+                               "ports": [port_of(a, "sg-a"), port_of(b, "sg-b")]})
+        return Snapshot(policy, frozenset(bridges), bridges=bridges,
+                        zones={topology.node.bridge: ZONE})
+
+    engine = in_ns(topology.node.ns, lambda: Engine(RestoreBackend("iptables-legacy"),
+                                                    Names(), (4, 6)))
+    before = snapshot([ingress(4, "tcp", 80), ingress(4, "tcp", 5000)])
+    after = snapshot([ingress(4, "tcp", 80)])
+    in_ns(topology.node.ns, lambda: engine.apply(compile_ruleset(before).ruleset))
+    with TcpSession(b, a.ipv4, 5000) as revoked, TcpSession(b, a.ipv4, 80) as kept:
+        assert revoked.exchange(PASS) == "OK" and kept.exchange(PASS) == "OK"
+        in_ns(topology.node.ns, lambda: engine.apply(compile_ruleset(after).ruleset))
+        assert revoked.exchange(PASS) == "OK", "premise: the entry keeps it alive"
+
+        report = in_ns(topology.node.ns, lambda: flowcut.audit(
+            FlowAudit(after, flowcut.node_addresses()).verdict, (4, 6)))
+        assert report.deleted >= 1 and report.complete and not report.errors
+        assert revoked.exchange(1.0) != "OK"
+        assert kept.exchange(PASS) == "OK"
+    assert not tcp_connect(b, a.ipv4, 5000, 0.4)
