@@ -65,8 +65,11 @@ class SizedLru(Generic[R]):
         result = self.build(*args)
         weight = self.weight(*args, result)
         with self._lock:
-            if args in self._entries or weight > self.budget:
-                return self._entries[args][0] if args in self._entries else result
+            raced = self._entries.get(args)  # another thread built it meanwhile
+            if raced is not None:
+                return raced[0]
+            if weight > self.budget:
+                return result
             self._entries[args] = (result, weight)
             self.held += weight
             while self.held > self.budget:

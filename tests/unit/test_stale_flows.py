@@ -25,13 +25,13 @@ def port(name: str, ip: str, *groups: str, **extra: Any) -> dict[str, Any]:
 
 
 def audit(*ports: dict[str, Any], zones: bool = True, node: tuple[str, ...] = ("10.0.0.1",),
-          **groups: list[dict[str, Any]]) -> FlowAudit:
+          zone_of: dict[str, int] | None = None, **groups: list[dict[str, Any]]) -> FlowAudit:
     policy = parse_policy({"security_groups": groups, "ports": list(ports),
                            "address_groups": {"ag-ops": ["10.1.0.0/16"]},
                            "sg_member_ips": {"sg-peers": {"IPv4": ["10.0.0.20"]}}})
     devices = frozenset(p["device"] for p in ports)
     snap = Snapshot(policy, devices, bridges=dict.fromkeys(devices, "br0"),
-                    zones={"br0": ZONE})
+                    zones={"br0": ZONE} if zone_of is None else zone_of)
     if not zones:
         snap = replace(snap, settings=replace(snap.settings, conntrack_zones=False))
     return FlowAudit(snap, node)
@@ -101,6 +101,5 @@ def test_without_zones_every_zone_is_judged_and_shared_addresses_are_not() -> No
 
 
 def test_a_port_without_a_known_zone_is_left_alone() -> None:
-    check = audit(port("a", "10.0.0.10", "sg-none"), **{"sg-none": []})
-    check.snap = replace(check.snap, zones={})
+    check = audit(port("a", "10.0.0.10", "sg-none"), zone_of={}, **{"sg-none": []})
     assert check.verdict(tcp("192.0.2.1", "10.0.0.10", 22)) is None
