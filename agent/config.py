@@ -86,6 +86,14 @@ FIREWALL_OPTS = [
                     "one is refused on its own: its set stays empty, so its rules match "
                     "nothing (fail closed), the error names it, and other changes still "
                     "land."),
+    cfg.BoolOpt("manage_bridge_nf_call", default=False,
+                help="Set net.bridge.bridge-nf-call-iptables (and -ip6tables with IPv6) to "
+                     "1 in the managed namespace when they are 0. Without them bridged VM "
+                     "traffic bypasses every rule, and the agent reports itself not ready "
+                     "with an error until they are 1. Off: they are the node's "
+                     "configuration and the agent only reports them. Under the systemd "
+                     "unit /proc/sys is read-only (ProtectKernelTunables): turning this "
+                     "on needs a drop-in with ProtectKernelTunables=no."),
 ]
 
 ADMIN_OPTS = [

@@ -41,12 +41,12 @@ from oslo_log import log as oslo_logging
 from agent import config, netns, version_line
 from agent.admin.server import AdminServer
 from agent.compiler import Compiled, NatSettings, Settings, Snapshot, compile_ruleset, zones
-from agent.compiler.flows import floating_ip_cuts, flows_to_cut
 from agent.compiler.names import Names
 from agent.dataplane.command import KernelWriteError
 from agent.dataplane.engine import ApplyReport, Engine
-from agent.dataplane.flowcut import cut_flows
 from agent.dataplane.restore_backend import RestoreBackend, detect_mode
+from agent.enforcement import BRIDGE_CHECK_EVERY, EnforcementCheck
+from agent.flow_keeper import FlowKeeper
 from agent.metrics import Observer
 from agent.model import Policy
 from agent.reconciler import Action, Apply, BeginRefresh, Check, Reconciler, RefreshStep
@@ -130,8 +130,10 @@ class Agent:
         self._resync_wanted = threading.Event()
         self.bridges: dict[str, str] = {}       # managed device -> its bridge
         self.zones: dict[str, int] = {}         # bridge -> conntrack zone
-        self.last_snapshot: Snapshot | None = None
-        self.floating_ips: dict[str, str] = {}  # floating -> fixed IP, as last applied
+        self.flows = FlowKeeper(self.settings.families, self.metrics.loop_alive)
+        self.enforcement = EnforcementCheck(self.settings.families,
+                                            conf.firewall.manage_bridge_nf_call,
+                                            self.settings.names.owns_chain, self.metrics)
 
     # ------------------------------------------------------------ shells enqueue
 
@@ -228,9 +230,13 @@ class Agent:
             self.metrics.loop_alive()
             if not self._take_events(rec, block=False):
                 return
+            if self.enforcement.bridge(time.monotonic()):
+                self.state.record_enforcement(self.enforcement.problems,
+                                              self.enforcement.warnings)
             action = rec.next_action(time.monotonic())
             if action is None:
-                deadline = min(rec.deadline(), self.metrics.watchdog_deadline())
+                deadline = min(rec.deadline(), self.metrics.watchdog_deadline(),
+                               time.monotonic() + BRIDGE_CHECK_EVERY)
                 if not self._take_events(rec, block=True, deadline=deadline):
                     return
                 continue
@@ -346,12 +352,12 @@ class Agent:
             self.state.record_failure(compiled, f"apply failed: {exc}")
             self.metrics.apply_failed(str(exc))
             raise
+        if report.refreshed and engine.view is not None:
+            self.enforcement.foreign(engine.view)
+            self.state.record_enforcement(self.enforcement.problems, self.enforcement.warnings)
         self.state.record_apply(compiled, report)
         self.metrics.applied(report, compiled, self.state.generation)
-        cut_errors = cut_flows(flows_to_cut(self.last_snapshot, snapshot) +
-                               floating_ip_cuts(self.floating_ips, compiled.floating_ips))
-        self.last_snapshot = snapshot
-        self.floating_ips = dict(compiled.floating_ips)
+        cut_errors = self.flows.after_apply(snapshot, compiled, self.state.policy is not None)
         for error in cut_errors:
             LOG.warning("%s", error)
         for warning in report.warnings:

@@ -16,6 +16,7 @@ from functools import lru_cache
 
 from agent import protocols
 from agent.compiler.inputs import Snapshot
+from agent.compiler.memo import SizedLru
 from agent.compiler.names import Names
 from agent.dataplane.ruleset import IpSet, render_rule
 from agent.model import Rule
@@ -139,16 +140,27 @@ def _address_group_nets(snap: Snapshot, group_id: str, family: int) -> list[str]
             if (":" in n) == (family == 6)]
 
 
-@lru_cache(maxsize=1 << 12)
-def _ipset(name: str, family: int, members: frozenset[str]) -> IpSet:
-    """The same IpSet object while a set is unchanged, so the engine can skip it."""
+# Members held by each of the two memos below: the sets in use keep their
+# identity while they add up to fewer; a churning group costs no more.
+MEMBER_BUDGET = 1 << 19
+
+
+def _build_ipset(name: str, family: int, members: frozenset[str]) -> IpSet:
     return IpSet(name, family, members)
 
 
-@lru_cache(maxsize=1 << 12)
-def _group_members(nets: frozenset[str]) -> frozenset[str]:
-    """set_members of a group's member set; unchanged groups cost a hash lookup."""
+# The same IpSet object while a set is unchanged, so the engine can skip it.
+_ipset: SizedLru[IpSet] = SizedLru(
+    _build_ipset, lambda name, family, members, result: len(members) + 1, MEMBER_BUDGET)
+
+
+def _build_group_members(nets: frozenset[str]) -> frozenset[str]:
     return frozenset(set_members(nets))
+
+
+# set_members of a group's member set; an unchanged group costs a hash lookup.
+_group_members: SizedLru[frozenset[str]] = SizedLru(
+    _build_group_members, lambda nets, result: len(nets) + len(result) + 1, MEMBER_BUDGET)
 
 
 def set_members(nets: Iterable[str]) -> set[str]:

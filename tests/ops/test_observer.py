@@ -368,3 +368,30 @@ def test_xtables_lock_waits_count_each_wait_for_another_writer(tmp_path: Path) -
     finally:
         os.close(other)
     assert value(observer, "hostfw_xtables_lock_waits_total") == before + 2  # gave up: counted
+
+
+def test_a_dead_bridge_hook_makes_the_agent_not_ready_with_the_reason() -> None:
+    """Issue 14.8: with bridge-nf-call-iptables at 0 the agent said ready."""
+    observer, _, _ = make()
+    observer.applied(report(), compiled(), 1)
+    problem = "net.bridge.bridge-nf-call-iptables is 0 in the managed namespace"
+    observer.bridge_nf_checked({4: False, 6: True}, [problem])
+    ready, doc = observer.readiness()
+    assert not ready and not observer.ready and doc["problems"] == [problem]
+    assert value(observer, "hostfw_ready") == 0
+    assert value(observer, "hostfw_bridge_nf_call_ok", ip_version="4") == 0
+    assert value(observer, "hostfw_bridge_nf_call_ok", ip_version="6") == 1
+    observer.bridge_nf_checked({4: True, 6: True}, [])
+    assert observer.readiness() == (True, {"ready": True, "generation": 1, "in_sync": True})
+    assert value(observer, "hostfw_ready") == 1
+
+
+def test_foreign_rules_ahead_of_a_hook_are_a_gauge_per_chain() -> None:
+    """Issue 14.10b: a foreign ACCEPT ahead of our FORWARD hook was invisible."""
+    observer, _, _ = make()
+    observer.foreign_rules_ahead({(4, "filter", "FORWARD"): 1})
+    assert value(observer, "hostfw_foreign_rules_ahead_of_hook", ip_version="4",
+                 table="filter", chain="FORWARD") == 1
+    observer.foreign_rules_ahead({})
+    assert ("hostfw_foreign_rules_ahead_of_hook", (("chain", "FORWARD"), ("ip_version", "4"),
+                                                   ("table", "filter"))) not in samples(observer)

@@ -53,6 +53,7 @@ def test_unit_declares_the_operations_contract() -> None:
     assert service["NotifyAccess"] == ["main"]
     assert int(service["WatchdogSec"][0]) > 0
     assert service["Restart"] == ["on-failure"]
+    assert int(service["LimitNOFILE"][0]) >= 65536  # issue 14.7: room for applies
     assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert service["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_NET_RAW"]
     assert service["NoNewPrivileges"] == ["yes"]
