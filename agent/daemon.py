@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tenacity
 from oslo_config import cfg
@@ -54,6 +54,9 @@ from agent.sources.base import PolicySource
 from agent.sources.netlink import DeviceWatcher
 from agent.sources.policy_file import PolicyFileSource
 from agent.state import NodeState
+
+if TYPE_CHECKING:
+    from agent.sources.report_state import StateReporter
 
 LOG = logging.getLogger("hostfw.agent")
 
@@ -101,6 +104,19 @@ def nat_settings(conf: cfg.ConfigOpts) -> NatSettings | None:
                        dhcp_bridges=tuple(nat.dhcp_bridges))
 
 
+def make_reporter(conf: cfg.ConfigOpts, source: PolicySource,
+                  state: NodeState) -> StateReporter | None:
+    """RPC mode's report_state heartbeat (Neutron's agent list); None in standalone."""
+    if conf.agent.mode != "rpc" or conf.agent.report_interval <= 0:
+        return None
+    from agent.sources.report_state import StateReporter, configurations_of
+    from agent.sources.rpc import RpcSource
+    assert isinstance(source, RpcSource)
+    return StateReporter(source.transport, conf.host, conf.agent.report_interval,
+                         lambda: configurations_of(state.status(source.status())),
+                         on_revived=source.resync)
+
+
 def make_source(conf: cfg.ConfigOpts) -> PolicySource:
     if conf.agent.mode == "standalone":
         return PolicyFileSource(conf.agent.policy_file)
@@ -118,6 +134,7 @@ class Agent:
         self.queue: queue.Queue[Event] = queue.Queue()
         self.state = NodeState(mode=conf.agent.mode, namespace=conf.agent.netns)
         self.metrics = Observer(conf.agent.resync_interval, source.status)
+        self.reporter = make_reporter(conf, source, self.state)
         self.stopping = threading.Event()
         self.fatal: str | None = None
         self.engine: Engine | None = None
@@ -396,11 +413,15 @@ class Agent:
         self.writer.start()
         self.watcher.start()
         self.source.start(self._on_policy)
+        if self.reporter is not None:
+            self.reporter.start()
 
     def stop(self) -> None:
         self.stopping.set()
         self.queue.put(Event("stop"))
         self.watcher.stop()
+        if self.reporter is not None:
+            self.reporter.stop()
         self.source.stop()
 
 

@@ -75,7 +75,8 @@ class NodeState:
                 errors.append(self.apply_error)
             if source_status.get("error"):
                 errors.append(str(source_status["error"]))
-            known = {p.device for p in self.policy.ports} if self.policy else set()
+            known = {p.device for p in self.policy.ports} | set(self.policy.trusted_devices) \
+                if self.policy else set()
             report = self.last_report
             return {
                 "mode": self.mode,

@@ -19,7 +19,10 @@ Rules of this room:
    the cache. A new tap pulls that device alone; a vanished tap or a
    `port_delete` pulls nothing. Everything is pulled only at start, after a
    reconnect or broker trouble, and on `resync` (agent-ctl and the periodic
-   timer): those full pulls heal lost or reordered notifications.
+   timer): those full pulls heal lost or reordered notifications. Devices a
+   pull's reply leaves out are asked about with `get_devices_details_list`:
+   Neutron's own `network:*` ports (DHCP, routers) are trusted and let
+   through, as Neutron's L2 agents do (agent/sources/device_details.py).
 3. Leading edge: the puller acts on the first notice at once (plus
    `[rpc] batch_window`, 0 by default) and gathers what arrives while it
    pulls into the next pull. It delivers only a policy that differs from
@@ -54,7 +57,8 @@ from oslo_config import cfg
 from agent.model import Invalid, Policy
 from agent.sources import rpc_api
 from agent.sources.base import Deliver, PolicySource
-from agent.sources.rpc_cache import PolicyCache, devices_to_pull
+from agent.sources.device_details import DeviceDetails, fetch_device_details
+from agent.sources.rpc_cache import PolicyCache, devices_to_pull, unexplained
 from agent.sources.rpc_messages import MalformedReply, Notice, parse_notice
 
 LOG = logging.getLogger(__name__)
@@ -184,6 +188,11 @@ class RpcSource(PolicySource):
         self._trouble_at = float("-inf")
         self._trouble: str | None = None
         self._counts: Counter[str] = Counter()
+
+    @property
+    def transport(self) -> messaging.Transport:
+        """The transport, shared with the report_state heartbeat."""
+        return self._transport
 
     # ------------------------------------------------------------ PolicySource
 
@@ -463,8 +472,9 @@ class RpcSource(PolicySource):
             self._counts["full_pulls" if full else "partial_pulls"] += 1
         try:
             replies = self._fetch(devices)
+            details = self._trusted(unexplained(replies))
             with self._cond:
-                self._cache.merge(replies, full)
+                self._cache.merge(replies, full, details)
         except MalformedReply as exc:
             self._pull_failed(f"bad reply from the controller: {exc}", asked, retry=False)
             return
@@ -497,6 +507,25 @@ class RpcSource(PolicySource):
         LOG.info("pulled %d device%s (%s) in %.3f s (%s)", len(devices),
                  "" if len(devices) == 1 else "s", "all" if full else "targeted",
                  time.monotonic() - started, "changed" if changed else "unchanged")
+
+    def _trusted(self, devices: list[str]) -> DeviceDetails | None:
+        """Ask which of `devices` are Neutron's own network:* ports (trusted).
+
+        A controller that cannot answer does not fail the pull: those devices
+        stay unknown (dropped, fail closed) until the next pull, and the
+        error shows in status.
+        """
+        if not devices:
+            return None
+        try:
+            return fetch_device_details(self._client, devices, self.opts.call_timeout,
+                                        self.host, self.opts.chunk_size)
+        except (messaging.MessagingException, messaging.MessageUndeliverable, OSError,
+                MalformedReply) as exc:
+            LOG.warning("get_devices_details_list failed: %s", describe(exc))
+            return DeviceDetails({}, (f"cannot tell whether {len(devices)} unknown "
+                                      f"device(s) are trusted network ports: "
+                                      f"{describe(exc)}",))
 
     def _pull_failed(self, reason: str, asked: int, retry: bool, full: bool = False,
                      devices: list[str] | None = None) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 
 from agent.model import Policy, Port, Rule, dedupe_ports, parse_groups, parse_member_map
 from agent.sources import rpc_api
+from agent.sources.device_details import DeviceDetails
 from agent.sources.rpc_messages import (
     MalformedReply,
     Notice,
@@ -55,15 +56,18 @@ class PolicyCache:
     members: dict[str, Mapping[int, frozenset[str]]] = field(default_factory=dict)
     device_errors: dict[str, tuple[str, ...]] = field(default_factory=dict)
     group_errors: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    trusted: set[str] = field(default_factory=set)   # devices of Neutron's network:* ports
     _policy: Policy | None = None
 
     # ------------------------------------------------------------ merging
 
-    def merge(self, replies: Iterable[tuple[Iterable[str], Any]], full: bool) -> None:
+    def merge(self, replies: Iterable[tuple[Iterable[str], Any]], full: bool,
+              details: DeviceDetails | None = None) -> None:
         """Fold in the replies of one pull; a full pull replaces the whole cache.
 
-        Raises MalformedReply (and changes nothing) when a reply's outer shape
-        is wrong.
+        `details` answers for the asked devices the replies left out (trusted
+        ports, agent/sources/device_details.py). Raises MalformedReply (and
+        changes nothing) when a reply's outer shape is wrong.
         """
         asked: set[str] = set()
         ports: dict[str, Port] = {}
@@ -87,7 +91,9 @@ class PolicyCache:
         if full:
             self.ports, self.groups, self.members = {}, {}, {}
             self.device_errors, self.group_errors = {}, {}
+            self.trusted = set()
         else:
+            self.trusted -= asked
             self.ports = {d: p for d, p in self.ports.items() if d not in asked}
             self.device_errors = {d: e for d, e in self.device_errors.items()
                                   if d not in asked}
@@ -105,6 +111,10 @@ class PolicyCache:
             self.group_errors.pop(f"sg {gid}", None)
         for gid in set(members) | set(raw_members):
             self.group_errors.pop(f"members {gid}", None)
+        if details is not None:
+            self.trusted |= details.trusted - set(ports)
+            for error in details.errors:
+                device_errors.setdefault("device details", []).append(error)
         self.device_errors.update({d: tuple(e) for d, e in device_errors.items()})
         self.group_errors.update({f"sg {g}": e for g, e in group_errors.items()})
         self.group_errors.update({f"members {g}": e for g, e in member_errors.items()})
@@ -112,10 +122,12 @@ class PolicyCache:
 
     def forget_devices(self, devices: Iterable[str]) -> bool:
         """Taps that vanished; True when the cache changed."""
-        gone = [d for d in devices if d in self.ports or d in self.device_errors]
+        gone = [d for d in devices
+                if d in self.ports or d in self.device_errors or d in self.trusted]
         for device in gone:
             self.ports.pop(device, None)
             self.device_errors.pop(device, None)
+            self.trusted.discard(device)
         if gone:
             self._policy = None
         return bool(gone)
@@ -146,7 +158,8 @@ class PolicyCache:
                 address_groups={ag: tuple(sorted({n for nets in self.members.get(ag, {}).values()
                                                   for n in nets}))
                                 for ag in sorted(address_groups)},
-                errors=tuple(errors))
+                errors=tuple(errors),
+                trusted_devices=frozenset(self.trusted - {p.device for p in ports}))
         return self._policy
 
     def device_groups(self) -> dict[str, frozenset[str]]:
@@ -173,6 +186,19 @@ def _per_group(raw: Mapping[Any, Any], parse: Any) -> tuple[dict[str, Any], dict
         if mine:
             errors[str(key)] = tuple(mine)
     return good, errors
+
+
+def unexplained(replies: Iterable[tuple[Iterable[str], Any]]) -> list[str]:
+    """Asked devices no reply names a port for: those to ask `get_devices_details_list`
+    about (Neutron leaves its trusted network:* ports out of the pull)."""
+    asked: set[str] = set()
+    named: set[str] = set()
+    for devices, reply in replies:
+        asked |= set(devices)
+        for raw in reply_section(reply, "devices").values():
+            if isinstance(raw, Mapping) and isinstance(raw.get("device"), str):
+                named.add(raw["device"])
+    return sorted(asked - named)
 
 
 def policy_from_replies(replies: Iterable[tuple[Iterable[str], Any]]) -> Policy:
@@ -213,4 +239,5 @@ def devices_to_pull(notice: Notice, cache: PolicyCache, local: frozenset[str]) -
     return []
 
 
-__all__ = ["MalformedReply", "PolicyCache", "cover", "devices_to_pull", "policy_from_replies"]
+__all__ = ["MalformedReply", "PolicyCache", "cover", "devices_to_pull", "policy_from_replies",
+           "unexplained"]

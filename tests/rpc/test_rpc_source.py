@@ -43,6 +43,7 @@ class Harness:
     arrived: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
     server: Any = None
     asked: list[list[str]] = field(default_factory=list)   # the devices of every call
+    as_neutron: bool = False   # leave network:* ports out of pulls, as Neutron does
 
     def serve(self) -> None:
         harness = self
@@ -50,7 +51,12 @@ class Harness:
         class Recording(SecurityGroupInfo):
             def security_group_info_for_devices(self, context: Any, **kwargs: Any) -> Any:
                 harness.asked.append(sorted(kwargs.get("devices") or []))
-                return super().security_group_info_for_devices(context, **kwargs)
+                reply = super().security_group_info_for_devices(context, **kwargs)
+                if harness.as_neutron:
+                    reply["devices"] = {
+                        k: p for k, p in reply["devices"].items()
+                        if not str(p.get("device_owner", "")).startswith("network:")}
+                return reply
 
         self.server = messaging.get_rpc_server(
             self.transport, messaging.Target(topic=rpc_api.PLUGIN_TOPIC, server="ctl"),
@@ -341,3 +347,24 @@ def test_an_unreachable_controller_is_retried_and_resync_does_not_wait(
     assert time.monotonic() - started < 0.5
     harness.serve()
     harness.wait(lambda s: s["connected"] and s["error"] is None, timeout=10)
+
+
+def test_a_network_port_left_out_of_the_pull_is_learnt_as_trusted(harness: Harness) -> None:
+    """Neutron's (and hostfw-controller's) pull leaves out network:* ports; the
+    source asks get_devices_details_list about that device only and delivers it
+    as trusted. When its tap goes, so does the trust."""
+    settled(harness)
+
+    def dhcp_port(raw: dict[str, Any]) -> None:
+        raw["ports"].append({"id": "6f1c2a4e-0009-4000-8000-000000000009",
+                             "device": "tapdhcp1", "mac_address": "fa:16:3e:00:00:99",
+                             "fixed_ips": ["10.0.0.2"], "device_owner": "network:dhcp"})
+
+    harness.as_neutron = True
+    harness.change(dhcp_port)
+    harness.source.set_devices(LOCAL | {"tapdhcp1", "tapstranger"})
+    policy = harness.next_policy()
+    assert policy.trusted_devices == {"tapdhcp1"}
+    assert "tapdhcp1" not in {p.device for p in policy.ports}
+    harness.source.set_devices(LOCAL)
+    assert harness.next_policy().trusted_devices == frozenset()
