@@ -409,10 +409,12 @@ class Agent:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        """The source first: a policy file is read before the device dump can arrive,
+        so a cold start is one apply of the whole policy, not an empty one first."""
         self.resyncer.start()
         self.writer.start()
-        self.watcher.start()
         self.source.start(self._on_policy)
+        self.watcher.start()
         if self.reporter is not None:
             self.reporter.start()
 
