@@ -38,7 +38,7 @@ from agent.compiler.flows import flows_to_cut
 from agent.dataplane.backend import Backend
 from agent.dataplane.command import run
 from agent.dataplane.engine import ApplyReport, Engine
-from agent.dataplane.flowcut import cut_flows
+from agent.dataplane.flowcut import cut
 from agent.dataplane.ipsets import plan_ipsets
 from agent.dataplane.plan import TablePlan, plan_table
 from agent.dataplane.restore_backend import BINARIES, RestoreBackend
@@ -267,7 +267,7 @@ def run_steps(engine: Engine, clock: IoClock, policy: Policy, workload: dict[str
                                  conntrack_runs.get(step, 0) < conntrack_budget)
         if ran:  # the daemon's cleanup: one dump per family, deletes of matching entries
             conntrack_runs[step] = conntrack_runs.get(step, 0) + 1
-            failures = cut_flows(cuts)
+            failures = cut(cuts).errors
         t4 = time.perf_counter()
         if keep:
             timed = ran or not cuts

@@ -92,7 +92,9 @@ def compile_filter(snapshot: Snapshot) -> FilterResult:
     """
     groups = snapshot.policy.groups
     local = tuple(local_ports(snapshot))
-    tables = _last_tables((local, groups, snapshot.settings), local, groups, snapshot.settings)
+    trusted = trusted_devices(snapshot, local)
+    tables = _last_tables((local, groups, snapshot.settings, trusted), local, groups,
+                          snapshot.settings, trusted)
     ipsets = remote_sets(tables.used_rules, snapshot)
     return FilterResult(Ruleset(tables.tables, ipsets), tables.active_ports,
                         tables.port_chains, tables.errors)
@@ -107,8 +109,14 @@ class _Tables:
     used_rules: tuple[Rule, ...]
 
 
+def trusted_devices(snapshot: Snapshot, local: tuple[Port, ...]) -> tuple[str, ...]:
+    """Present devices of Neutron's trusted ports that no local port claims, sorted."""
+    claimed = {p.device for p in local}
+    return tuple(sorted(snapshot.policy.trusted_devices & snapshot.devices - claimed))
+
+
 def _build_tables(local: tuple[Port, ...], groups: Mapping[str, tuple[Rule, ...]],
-                  settings: Settings) -> _Tables:
+                  settings: Settings, trusted: tuple[str, ...]) -> _Tables:
     names = settings.names
     errors = [f"port {p.id!r}: security group {g!r} is unknown; it allows nothing"
               for p in local for g in p.security_groups if g not in groups]
@@ -148,7 +156,7 @@ def _build_tables(local: tuple[Port, ...], groups: Mapping[str, tuple[Rule, ...]
         for group in sorted({g for p in profiles.values() for g in p.groups}):
             builder.chains.update(_group_chains(group, groups[group], family, settings))
             used_rules += groups[group]
-        _dispatch(builder, list(local), names, settings.unknown_device_policy)
+        _dispatch(builder, list(local), names, settings.unknown_device_policy, trusted)
         tables[(family, "filter")] = builder.build()
     if len(errors) > 1:
         errors = list(dict.fromkeys(errors))
@@ -203,15 +211,20 @@ def _skeleton(b: TableBuilder, names: Names, mark: int) -> None:
         render_rule(f"-j MARK --set-xmark {mark:#x}/{mark:#x}", comment="a group allows"))
 
 
-def _dispatch(b: TableBuilder, local: list[Port], names: Names, unknown_policy: str) -> None:
-    """The two dispatch trees, from a VM (physdev-in) and to a VM (physdev-out)."""
+def _dispatch(b: TableBuilder, local: list[Port], names: Names, unknown_policy: str,
+              trusted: tuple[str, ...]) -> None:
+    """The two dispatch trees, from a VM (physdev-in) and to a VM (physdev-out).
+
+    A trusted device (Neutron's `network:*` ports) passes unfiltered both ways,
+    like a port without port security, as Neutron's trusted-port ACCEPTs do.
+    """
     unknown = "-j DROP" if unknown_policy == "drop" else "-j RETURN"
     for root, letter, direction in (("from", "o", "in"), ("to", "i", "out")):
-        entries = tuple(
+        entries = tuple(sorted([
             (p.device, f"-g {names.port_chain(letter, p.device)}", f"port {p.id}")
             if p.port_security_enabled else
             (p.device, "-j RETURN", f"port {p.id} without port security")
-            for p in local)
+            for p in local] + [(d, "-j RETURN", "trusted network port") for d in trusted]))
         b.chains.update(build_tree(root, entries, direction, unknown, names))
 
 

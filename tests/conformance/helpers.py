@@ -247,17 +247,20 @@ def measure_change(sb: Sandbox, before: dict[str, Any], after: dict[str, Any],
                    attempts: int = 3) -> dict[str, Any]:
     """`last_apply` of exactly the apply that turned `before` into `after`.
 
-    Why retry: the agent re-reads the kernel on timers (1 s after a write,
-    then less often), and each such check is an apply that replaces
-    `last_apply`. If one slipped in between our apply and our status read
-    (seen as a generation jump), the measurement is redone.
+    The agent notices the rewritten file itself and applies the change once.
+    Why retry: a drift repair or the periodic resync is an apply too, and
+    replaces `last_apply`; if one slipped in (seen as a generation jump of
+    more than one), the measurement is redone.
     """
     for _ in range(attempts):
         sb.apply(before)
         generation = sb.status()["generation"]
-        reply = sb.apply(after)
+        sb.agent.write_policy(after)
+        sb.agent.wait_for(lambda: sb.status()["generation"] > generation,  # noqa: B023
+                          what="the apply of the change")
+        time.sleep(0.2)   # a second apply (there should be none) would show by now
         status = sb.status()
-        if reply.get("generation") == generation + 1 == status["generation"]:
+        if status["generation"] == generation + 1:
             return status["last_apply"]
     raise AssertionError(f"could not isolate one apply in {attempts} attempts: {status}")
 

@@ -528,7 +528,7 @@ def group_rules(rules: list[dict[str, Any]], family: int = 4,
                source_port_range_max=2000),
      '-p udp -m comment --comment "udp 53" -m udp --dport 53 -m multiport --sports 1000:2000 '
      '-g hostfw-accept'),
-    (rule_dict(protocol="vrrp", port_range_min=80),  # test_filter_bad_vrrp_with_dport
+    (rule_dict(protocol="vrrp"),  # a vrrp rule with ports is rejected (test_model)
      '-p 112 -m comment --comment "112" -g hostfw-accept'),
     (rule_dict(protocol="0"),
      '-m comment --comment "any" -g hostfw-accept'),
