@@ -8,7 +8,8 @@ unchanged (a tap came or went) only removed devices are looked at, and the
 members a group lost are computed once per group, not once per port.
 
 Without this, an established connection outlives the rule that allowed it:
-RELATED,ESTABLISHED comes first in every port chain. The cuts follow
+RELATED,ESTABLISHED is accepted in the shared checks every profile runs
+first (right after the sender's spoof pairs), before any group. The cuts follow
 Neutron's triggers, at its (coarse) granularity where finer is not possible:
 - a port goes, or leaves a group, or loses an address: all its flows (of the
   lost address);
