@@ -49,6 +49,7 @@ from typing import Any
 from bench import e2e_net as net
 from bench import workloads
 from bench.agent_bench import BenchAgent
+from bench.report import loadavg
 from bench.stats import summary
 from tests.support.agent import AgentProcess
 
@@ -312,13 +313,21 @@ def logs_until_applied(driver: Driver, action: float, timeout: float = 10.0
 
 def cold_sample(node: net.Node, driver: Driver, doc: dict[str, Any], expected: int,
                 timeout: float) -> dict[str, Any]:
-    """Empty kernel, start the agent; until in sync with `expected` ports, and enforced."""
+    """Empty kernel, start the agent; until in sync with `expected` ports, and enforced.
+
+    Two streams of new flows from cli: to a port nobody allows (its first loss
+    for good is "enforced") and to one the policy allows (whether it was ever
+    cut on the way, and when it came back: the fail-closed window).
+    """
     driver.stop()
     net.flush_kernel(node.ns)
     net.flush_conntrack(node.ns)
     srv, cli = node.vms["srv"], node.vms["cli"]
-    stream = net.Stream(cli, srv.ipv4, net.PORT_BLOCKED, interval=0.005, fresh=True,
-                        sport_base=random.randrange(20000, 50000))
+    base = random.randrange(20000, 25000)
+    blocked = net.Stream(cli, srv.ipv4, net.PORT_BLOCKED, interval=0.005, fresh=True,
+                         sport_base=base)
+    allowed = net.Stream(cli, srv.ipv4, net.PORT_OK, interval=0.005, fresh=True,
+                         sport_base=base + 20000)
     try:
         time.sleep(0.3)
         spawned = driver.start(doc)
@@ -326,16 +335,19 @@ def cold_sample(node: net.Node, driver: Driver, doc: dict[str, Any], expected: i
                              s.get("generation", 0) > 0 and s.get("ports_active") == expected,
                              timeout, f"in sync with {expected} ports")
         seen = time.time()
-        stream.wait_quiet(spawned, QUIET, 30)
-        sent = stream.finish()
+        blocked.wait_quiet(spawned, QUIET, 30)
+        sent = blocked.finish()
+        allowed_sent = allowed.finish()
     finally:
-        stream.finish()
-    cut = net.cut_latency(sent, stream.snapshot(), spawned)
+        blocked.finish()
+        allowed.finish()
+    cut = net.cut_latency(sent, blocked.snapshot(), spawned)
     applied = status.get("last_apply_ok_at")
     agent_lines, _ = driver.logs()
     sample = {"in_sync_seen_s": seen - spawned,
               "applied_s": applied - spawned if applied else None,
               "enforced_s": cut.get("latency_s"),
+              "allowed_stream": net.interruption(allowed_sent, allowed.snapshot(), spawned),
               "generation": status.get("generation"),
               "breakdown": net.breakdown(agent_lines, [], spawned, seen + 1)}
     if "error" in cut:
@@ -361,7 +373,8 @@ def bench_size(mode: str, backend: str, workload: dict[str, Any], opts: Options,
     timeout = opts.timeout * max(1.0, size / 500)
     result: dict[str, Any] = {"mode": mode, "backend": backend, "ports": size,
                               "probe_vms": 4, "devices": size + 4, "settle_s": settle,
-                              "repeats": opts.repeats, "resync_interval": 3600}
+                              "repeats": opts.repeats, "resync_interval": 3600,
+                              "load": {"start": loadavg()}}
     with ExitStack() as stack:
         workdir = Path(tempfile.mkdtemp(prefix="hfwe2e-"))
         stack.callback(shutil.rmtree, workdir, True)
@@ -392,6 +405,9 @@ def bench_size(mode: str, backend: str, workload: dict[str, Any], opts: Options,
             "in_sync_s": summary([c["in_sync_seen_s"] for c in cold]),
             "applied_s": summary([c["applied_s"] for c in cold if c["applied_s"]]),
             "enforced_s": summary([c["enforced_s"] for c in cold if c["enforced_s"]]),
+            "allowed_back_s": summary([c["allowed_stream"]["back_s"] for c in cold
+                                       if c["allowed_stream"].get("back_s")]),
+            "allowed_lost": [c["allowed_stream"]["lost"] for c in cold],
             "samples": cold}
         own = result["floor"].get(floor_mode, {}).get("total_s")
         if own and result["cold_start"]["in_sync_s"]:
@@ -400,16 +416,21 @@ def bench_size(mode: str, backend: str, workload: dict[str, Any], opts: Options,
         result["changes"] = run_changes(node, driver, scen, opts, settle, timeout, expected, say)
         result["trigger"] = driver.trigger
         result["noop_resync_s"] = noop_resync(driver)
+        result["load"]["end"] = loadavg()
     return result
 
 
 def floors(node: net.Node, own_mode: str, repeats: int) -> dict[str, Any]:
-    """The agent's ruleset (as left by its SIGTERM) restored by the tools of both modes."""
+    """The agent's ruleset (as left by its SIGTERM) restored by the tools of both modes.
+
+    The agent's own mode `repeats` times (the ratio's floor), the other once.
+    """
     dump = net.save(node.ns, own_mode)
     out: dict[str, Any] = {"saved_with": own_mode, **dump.counts()}
     for mode in (own_mode, *(m for m in net.TOOLS if m != own_mode)):
         try:
-            samples = [net.restore_floor(node.ns, dump, mode) for _ in range(max(1, repeats))]
+            count = max(1, repeats) if mode == own_mode else 1
+            samples = [net.restore_floor(node.ns, dump, mode) for _ in range(count)]
         except Exception as exc:  # e.g. a module the other mode lacks; the own mode decides
             out[mode] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             continue

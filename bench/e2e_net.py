@@ -244,6 +244,19 @@ def cut_latency(sent: list[float], replies: list[tuple[int, float, float]],
     return {"latency_s": sent[first] - action, "lost_before_cut": early_losses}
 
 
+def interruption(sent: list[float], replies: list[tuple[int, float, float]],
+                 start: float) -> dict[str, Any]:
+    """A stream that should flow: how many datagrams after `start` were lost, and when it
+    flowed again for good (the first echo after the last loss)."""
+    answered = {r[0] for r in replies}
+    lost = [s for s, t in enumerate(sent) if t >= start and s not in answered]
+    if not lost:
+        return {"lost": 0}
+    back = next((s for s in range(lost[-1] + 1, len(sent)) if s in answered), None)
+    return {"lost": len(lost), "first_lost_s": round(sent[lost[0]] - start, 4),
+            "back_s": None if back is None else round(sent[back] - start, 4)}
+
+
 # ---------------------------------------------------------------- logs
 
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[.,]\d{3})\S* (.*)$")

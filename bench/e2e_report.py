@@ -85,6 +85,8 @@ def rows(e2e: dict[str, Any]) -> list[dict[str, Any]]:
                             None if ratio is None else ratio <= COLD_OVER_FLOOR,
                             _spread(cold.get("in_sync_s")), floor_s,
                             note=f"{ratio}x; enforced {_ms(median(cold.get('enforced_s')))}; "
+                                 f"allowed flows cut {max(cold.get('allowed_lost') or [0])} "
+                                 f"packets, back {_ms(median(cold.get('allowed_back_s')))}; "
                                  "floors " + ", ".join(f"{m} {v:.2f} s"
                                                        for m, v in other.items() if v)))
     return out

@@ -89,3 +89,12 @@ def test_the_scenario_writes_a_clean_policy_with_each_change() -> None:
     assert {p.device for p in base.ports} - {p.device for p in changed.ports} == {"tape2erm"}
     assert "10.251.0.200/32" in changed.members["sg-default"][4]
     assert workload["sg_member_ips"]["sg-default"]["IPv4"] == ["10.0.0.5"]   # not mutated
+
+
+def test_an_interruption_is_counted_until_the_stream_flows_for_good() -> None:
+    sent, replies = _stream(set(range(12)) | {14, 17, 18, 19})
+    out = e2e_net.interruption(sent, replies, ACTION)
+    assert out["lost"] == 4                       # 12, 13, 15, 16
+    assert abs(out["back_s"] - (sent[17] - ACTION)) < 1e-3
+    sent, replies = _stream(set(range(20)))
+    assert e2e_net.interruption(sent, replies, ACTION) == {"lost": 0}
