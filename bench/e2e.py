@@ -168,6 +168,9 @@ class Driver:
             self.agent.stop()
             self.agent = None
 
+    def close(self) -> None:
+        self.stop()
+
     def status(self) -> dict[str, Any]:
         assert self.agent is not None
         if self.agent.proc is not None and self.agent.proc.poll() is not None:
@@ -213,7 +216,6 @@ class StandaloneDriver(Driver):
 
     def __init__(self, workdir: Path, ns: str, backend: str, trigger: str) -> None:
         super().__init__(workdir, ns, backend)
-        self.wanted_trigger = trigger
         self.trigger = None if trigger == "auto" else trigger
 
     def policy_path(self) -> Path:
@@ -236,7 +238,11 @@ class RpcDriver(Driver):
         self.trigger = "write"
         self.controller = ControllerProcess(workdir, url, doc).start()
         self.controller_log = net.LogTail(self.controller.log_path)
-        self.controller.wait_serving(60)
+        try:
+            self.controller.wait_serving(60)
+        except BaseException:
+            self.controller.stop()
+            raise
 
     def policy_path(self) -> Path:
         return self.controller.policy_path
@@ -247,11 +253,8 @@ class RpcDriver(Driver):
         return RpcAgentProcess(workdir, self.ns, self.url, backend=self.backend,
                                resync_interval=3600)
 
-    def stop(self) -> None:
-        super().stop()
-
     def close(self) -> None:
-        self.stop()
+        super().close()
         self.controller.stop()
 
 
@@ -386,10 +389,9 @@ def bench_size(mode: str, backend: str, workload: dict[str, Any], opts: Options,
         if mode == "rpc":
             assert broker_url
             driver = RpcDriver(workdir, node.ns, backend, broker_url, scen.doc())
-            stack.callback(driver.close)  # type: ignore[attr-defined]
         else:
             driver = StandaloneDriver(workdir, node.ns, backend, opts.trigger)
-            stack.callback(driver.stop)
+        stack.callback(driver.close)
         result["groups"] = {"rule_change": scen.default_group, "member": scen.member_group}
         expected = size + 4
         floor_mode = "iptables-legacy" if backend == "iptc" else backend
@@ -415,6 +417,7 @@ def bench_size(mode: str, backend: str, workload: dict[str, Any], opts: Options,
                                               own["median"], 3)
         result["changes"] = run_changes(node, driver, scen, opts, settle, timeout, expected, say)
         result["trigger"] = driver.trigger
+        result["trigger_asked"] = opts.trigger if mode == "standalone" else "write"
         result["noop_resync_s"] = noop_resync(driver)
         result["load"]["end"] = loadavg()
     return result

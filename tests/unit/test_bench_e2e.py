@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
+
+import pytest
 
 from agent.model import parse_policy
 from bench import e2e, e2e_net
@@ -98,3 +105,36 @@ def test_an_interruption_is_counted_until_the_stream_flows_for_good() -> None:
     assert abs(out["back_s"] - (sent[17] - ACTION)) < 1e-3
     sent, replies = _stream(set(range(20)))
     assert e2e_net.interruption(sent, replies, ACTION) == {"lost": 0}
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["one-flow", "fresh-flows"])
+def test_the_probe_streams_numbered_datagrams_and_reports_their_echoes(fresh: bool) -> None:
+    """bench/e2e_probe.py over loopback: every echo is reported with its send time."""
+    port = _free_udp_port()
+    echo = subprocess.Popen([sys.executable, e2e_net.PROBE, "echo", "--udp", str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert echo.stdout is not None and echo.stdout.readline().strip() == "READY"
+        argv = [sys.executable, e2e_net.PROBE, "stream", "127.0.0.1", str(port)]
+        argv += ["--fresh", "--sport-base", str(_free_udp_port())] if fresh else []
+        stream = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert stream.stdout is not None and stream.stdout.readline().strip() == "READY"
+        time.sleep(0.2)
+        out, _ = stream.communicate("", timeout=10)
+    finally:
+        echo.kill()
+        echo.wait()
+    lines = out.splitlines()
+    sent = json.loads(lines[-1].removeprefix("S "))
+    replies = [line.split() for line in lines[:-1]]
+    assert len(sent) > 5
+    assert replies and all(r[0] == "R" for r in replies)
+    for _, seq, when, got in replies:
+        assert abs(sent[int(seq)] - float(when)) < 1e-5
+        assert float(got) >= float(when)
