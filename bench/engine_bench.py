@@ -35,6 +35,7 @@ from typing import Any
 
 from agent.compiler import Settings, Snapshot, compile_ruleset
 from agent.compiler.flows import flows_to_cut
+from agent.compiler.memo import LastCall
 from agent.dataplane.backend import Backend
 from agent.dataplane.command import run
 from agent.dataplane.engine import ApplyReport, Engine
@@ -135,12 +136,19 @@ def make_engine(spec: BackendSpec, clock: IoClock) -> Engine:
 
 
 def clear_caches() -> None:
-    """Empty every module-level memo of the agent, as a fresh process has them."""
+    """Empty every module-level memo of the agent, as a fresh process has them.
+
+    Both kinds: `functools` caches (`cache_clear`) and the compiler's
+    single-slot `LastCall` memos, which would otherwise hand a "cold" repeat
+    the previous repeat's tables.
+    """
     for name, module in list(sys.modules.items()):
         if not (name == "agent" or name.startswith("agent.")) or module is None:
             continue
         for obj in list(vars(module).values()):
-            if callable(obj) and hasattr(obj, "cache_clear"):
+            if isinstance(obj, LastCall):
+                obj._slot = None  # noqa: SLF001 - LastCall has no clear() of its own
+            elif callable(obj) and hasattr(obj, "cache_clear"):
                 obj.cache_clear()
 
 
