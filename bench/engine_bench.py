@@ -35,7 +35,6 @@ from typing import Any
 
 from agent.compiler import Settings, Snapshot, compile_ruleset
 from agent.compiler.flows import flows_to_cut
-from agent.compiler.memo import LastCall
 from agent.dataplane.backend import Backend
 from agent.dataplane.command import run
 from agent.dataplane.engine import ApplyReport, Engine
@@ -146,10 +145,8 @@ def clear_caches() -> None:
         if not (name == "agent" or name.startswith("agent.")) or module is None:
             continue
         for obj in list(vars(module).values()):
-            if isinstance(obj, LastCall):
-                obj._slot = None  # noqa: SLF001 - LastCall has no clear() of its own
-            elif callable(obj) and hasattr(obj, "cache_clear"):
-                obj.cache_clear()
+            if not isinstance(obj, type) and hasattr(obj, "cache_clear"):
+                obj.cache_clear()   # functools caches, LastCall and SizedLru memos
 
 
 def snapshot(policy: Policy, devices: Iterable[str]) -> Snapshot:

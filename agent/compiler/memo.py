@@ -42,6 +42,10 @@ class LastCall(Generic[R]):
         self._slot = (key, result)
         return result
 
+    def cache_clear(self) -> None:
+        """Forget the slot (benchmarks that want a cold compile)."""
+        self._slot = None
+
 
 class SizedLru(Generic[R]):
     """`build(*args)`, memoised on `args`; evicts the least recently used entries
