@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -12,11 +14,13 @@ import pytest
 import yaml
 from oslo_messaging.rpc.dispatcher import ExpectedException
 
+from agent.controller import watch
 from agent.controller.diff import Notifications, diff
 from agent.controller.endpoint import SecurityGroupInfo, Snapshot, build_reply
 from agent.controller.notifier import AgentNotifier
 from agent.controller.watch import FileWatcher
-from agent.model import parse_port
+from agent.controller.wire import plain
+from agent.model import parse_net, parse_port
 from agent.sources import rpc_api
 from agent.sources.policy_file import load_policy_text
 from agent.sources.rpc_messages import policy_from_replies
@@ -112,6 +116,59 @@ def test_endpoint_refuses_a_malformed_request_and_skips_bad_names() -> None:
     assert [p["device"] for p in reply["devices"].values()] == ["tapweb1"]
 
 
+def test_reply_parts_are_built_once_per_policy_version() -> None:
+    """Replies of one version share their parts; `device` is each request's own."""
+    policy = load(example())
+    snap = Snapshot.of(policy)
+    first = build_reply(snap, ["tapweb1", "tapdb1"])
+    second = build_reply(snap, ["tapdb1", "tap6f1c2a4e-00"])
+    assert first["security_groups"]["sg-db"] is second["security_groups"]["sg-db"]
+    assert first["sg_member_ips"]["sg-web"]["IPv4"] is second["sg_member_ips"]["sg-web"]["IPv4"]
+    db = policy.ports[2].id
+    assert first["devices"][db] == second["devices"][db]
+    web1 = policy.ports[0].id
+    assert first["devices"][web1]["device"] == "tapweb1"
+    fresh = build_reply(snap, ["tapweb1"])
+    assert fresh["devices"][web1] is not first["devices"][web1]
+    fresh["devices"][web1]["device"] = "changed by a caller"
+    assert build_reply(snap, ["tapweb1"])["devices"][web1]["device"] == "tapweb1"
+    fresh = build_reply(Snapshot.of(policy), ["tapdb1"])   # a new version builds its own
+    assert fresh == build_reply(snap, ["tapdb1"])
+    assert fresh["security_groups"]["sg-db"] is not first["security_groups"]["sg-db"]
+
+
+def test_a_new_version_answers_with_its_own_rules() -> None:
+    raw = example()
+    old = Snapshot.of(load(raw))
+    build_reply(old, ["tapdb1"])
+    raw["security_groups"]["sg-db"].pop()
+    new = build_reply(Snapshot.of(load(raw)), ["tapdb1"])
+    assert len(new["security_groups"]["sg-db"]) == len(raw["security_groups"]["sg-db"])
+    assert len(build_reply(old, ["tapdb1"])["security_groups"]["sg-db"]) == \
+        len(raw["security_groups"]["sg-db"]) + 1
+
+
+def test_concurrent_first_replies_equal_sequential_ones() -> None:
+    """Many RPC threads filling one fresh version's memo at once all get whole answers."""
+    policy = load(example())
+    requests = [["tapweb1"], ["tapdb1"], ["tapweb1", "tapweb2", "tapdb1"], ["tapweb2"]] * 16
+    expected = [build_reply(Snapshot.of(policy), r) for r in requests]
+    snap = Snapshot.of(policy)
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda r: build_reply(snap, r), requests))
+    assert got == expected
+
+
+@pytest.mark.parametrize("net", ["10.0.0.5/32", "10.0.0.0/24", "0.0.0.0/0", "2001:db8::1/128",
+                                 "2001:db8::/64", "::/0", "::ffff:10.0.0.5/128"])
+def test_plain_cuts_host_networks_as_ipaddress_would(net: str) -> None:
+    net = parse_net(net, "member")   # the model's canonical form, all the wire ever sees
+    network = ipaddress.ip_network(net)
+    want = str(network.network_address if network.prefixlen == network.max_prefixlen
+               else network)
+    assert plain(net) == want
+
+
 # ---------------------------------------------------------------- diff and casts
 
 def changed(edit: Any) -> Notifications:
@@ -202,6 +259,92 @@ def test_watcher_reloads_on_change_and_on_request(tmp_path: Path) -> None:
         watcher.stop()
         watcher.join(5)
     assert reasons == ["file changed", "SIGHUP"]
+
+
+class Reloads:
+    """A FileWatcher whose reloads record what the file held when they read it."""
+
+    def __init__(self, path: Path, interval: float) -> None:
+        self.path = path
+        self.seen: list[str] = []
+        self.done = threading.Semaphore(0)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.watcher = FileWatcher(str(path), interval, self._reload)
+
+    def _reload(self, reason: str) -> None:
+        self.gate.wait(30)
+        self.seen.append(self.path.read_text())
+        self.done.release()
+
+    def __enter__(self) -> Reloads:
+        self.watcher.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.gate.set()
+        self.watcher.stop()
+        self.watcher.join(5)
+
+
+def replace_file(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def test_watcher_acts_on_an_atomic_replace_at_once(tmp_path: Path) -> None:
+    """Leading edge: the rename is the notice, not the next poll (an hour away here)."""
+    path = tmp_path / "policy.yaml"
+    path.write_text("ports: []\n")
+    with Reloads(path, interval=3600) as reloads:
+        assert reloads.watcher.uses_inotify
+        replace_file(path, "ports: []\nsecurity_groups: {}\n")
+        assert reloads.done.acquire(timeout=10)
+    assert reloads.seen == ["ports: []\nsecurity_groups: {}\n"]
+
+
+def test_watcher_never_reads_a_file_its_writer_still_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half a file stays unread while its writer holds it; its close is read at once."""
+    monkeypatch.setattr(watch, "SETTLE", 3600.0)   # only the writer's close may end the wait
+    path = tmp_path / "policy.yaml"
+    path.write_text("ports: []\n")
+    whole = "security_groups:\n  sg-a: []\n  sg-b: []\n"
+    with Reloads(path, interval=0.01) as reloads:
+        with open(path, "w", encoding="utf-8") as writer:
+            writer.write(whole[:20])
+            writer.flush()
+            assert not reloads.done.acquire(timeout=0.5)
+            writer.write(whole[20:])
+        assert reloads.done.acquire(timeout=10)
+    assert reloads.seen == [whole]
+
+
+def test_watcher_polls_where_inotify_is_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch.EntryWatch, "open", classmethod(lambda cls, path: None))
+    path = tmp_path / "policy.yaml"
+    path.write_text("ports: []\n")
+    with Reloads(path, interval=0.01) as reloads:
+        assert not reloads.watcher.uses_inotify
+        replace_file(path, "ports: []\nsecurity_groups: {}\n")
+        assert reloads.done.acquire(timeout=10)
+    assert reloads.seen == ["ports: []\nsecurity_groups: {}\n"]
+
+
+def test_watcher_gathers_changes_made_during_a_reload_into_one(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("ports: []\n")
+    with Reloads(path, interval=3600) as reloads:
+        reloads.gate.clear()
+        replace_file(path, "v: 1\n")          # starts a reload, held at the gate
+        for version in range(2, 6):
+            replace_file(path, f"v: {version}\n")
+        reloads.gate.set()
+        assert reloads.done.acquire(timeout=10) and reloads.done.acquire(timeout=10)
+        assert not reloads.done.acquire(timeout=0.3)
+    assert reloads.seen[-1] == "v: 5\n" and len(reloads.seen) == 2
 
 
 def test_controller_refuses_to_start_without_its_file(tmp_path: Path) -> None:
