@@ -12,7 +12,10 @@ Sections, each run per backend and recorded even when another fails:
 - datapath: 64-byte UDP pps across the bridge with 2 ... 1,000 ports
             programmed (bench/datapath.py);
 - peer:     Neutron's driver, live when its venv is at hand, else its earlier
-            figures, quoted (bench/peer.py).
+            figures, quoted (bench/peer.py);
+- fleet:    N real agents on one broker and controller converging after one
+            rule change, and 1,000 simulated agents' pull storm against the
+            controller (bench/fleet.py).
 
 `--quick` is a small smoke run (minutes); `--report-only` re-judges and
 re-plots an existing latest.json without touching the kernel.
@@ -46,8 +49,8 @@ def _csv_ints(text: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run")
-    ap.add_argument("--sections", default="engine,agent,datapath",
-                    help="comma list of engine, agent, datapath")
+    ap.add_argument("--sections", default="engine,agent,datapath,fleet",
+                    help="comma list of engine, agent, datapath, fleet")
     ap.add_argument("--backends", default="",
                     help="comma list (default: iptables-legacy, iptables-nft, and iptc "
                          "when agent/dataplane/iptc_backend.py exists)")
@@ -67,6 +70,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--neutron", choices=("auto", "quote"), default="auto",
                     help="auto: run the peer live when a neutron venv is found")
     ap.add_argument("--neutron-sizes", type=_csv_ints, default=[10, 100, 1000])
+    ap.add_argument("--fleet-sizes", type=_csv_ints, default=[10, 50, 100],
+                    help="real agents in the fleet convergence runs")
+    ap.add_argument("--fleet-storm-agents", type=int, default=1000)
+    ap.add_argument("--fleet-storm-rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--report-only", action="store_true",
                     help="re-judge and re-plot OUT/latest.json")
@@ -79,6 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.agent_sizes, args.agent_samples = [10, 100], 3
         args.datapath_counts, args.datapath_repeats, args.datapath_seconds = [2, 10], 1, 2.0
         args.neutron_sizes = [10]
+        args.fleet_sizes, args.fleet_storm_rounds = [10], 1
     return args
 
 
@@ -198,6 +206,21 @@ def run_datapath(run: Run, backends: list[str] | None) -> None:
         run.checkpoint()
 
 
+def run_fleet(run: Run, backends: list[str] | None) -> None:
+    from bench import fleet
+
+    backend = next((b for b in backends or [] if b != "iptc"), "iptables-legacy")
+    run.say(f"fleet {backend}: agents {run.args.fleet_sizes}, storm of "
+            f"{run.args.fleet_storm_agents} simulated agents x {run.args.fleet_storm_rounds}")
+    res = run.results["fleet"] = run.guarded("fleet", lambda: fleet.bench_fleet(
+        run.args.fleet_sizes, run.args.fleet_storm_agents, run.args.fleet_storm_rounds, backend))
+    for size, sized in res.get("converge", {}).get("sizes", {}).items():
+        run.say(f"  {size} agents: convergence p50 {sized['p50_s']} s, p99 {sized['p99_s']} s")
+    if "p99_s" in res.get("storm", {}):
+        run.say(f"  storm: answer p50 {res['storm']['p50_s']} s, p99 {res['storm']['p99_s']} s")
+    run.checkpoint()
+
+
 def run_peer(run: Run) -> None:
     from bench import peer, workloads
 
@@ -253,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     run.say(f"work dir {run.work}; load {run.results['load']['start']}")
     run_peer(run)
     for name, fn in (("engine", run_engine), ("agent", run_agent),
-                     ("datapath", run_datapath)):
+                     ("datapath", run_datapath), ("fleet", run_fleet)):
         if name in sections:
             run.results["load"][f"{name}_start"] = report.loadavg()
             fn(run, backends)
