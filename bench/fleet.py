@@ -67,7 +67,7 @@ START_BATCH = 10               # agents started together, then waited for
 EGRESS = [{"direction": "egress", "ethertype": "IPv4"},
           {"direction": "egress", "ethertype": "IPv6"}]
 RELOAD_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*reload \(file changed\): "
-                       r".*load ([\d.]+) ms, diff ([\d.]+) ms, casts ([\d.]+) ms")
+                       r".*load ([\d.]+) ms, diff\+swap ([\d.]+) ms, casts ([\d.]+) ms")
 
 
 def percentile(samples: list[float], q: int) -> float | None:
@@ -109,7 +109,7 @@ def controller_reload(controller: ControllerProcess, since: float) -> dict[str, 
         stamp = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
         if stamp >= since - 0.001:
             return {"logged_after_write_s": round(stamp - since, 4),
-                    "load_ms": float(match.group(2)), "diff_ms": float(match.group(3)),
+                    "load_ms": float(match.group(2)), "diff_swap_ms": float(match.group(3)),
                     "casts_ms": float(match.group(4))}
     return None
 
@@ -375,19 +375,26 @@ def storm_policy(hosts: int, per_host: int = PORTS_PER_NODE, projects: int = 100
 
 
 def storm(broker: Broker, workdir: Path, hosts: int = 1000, rounds: int = 3,
-          workers: int = 4) -> dict[str, Any]:
-    """Part 2: `hosts` simulated agents pull at once after one notification, `rounds` times."""
+          workers: int = 4, rpc_workers: int = 0) -> dict[str, Any]:
+    """Part 2: `hosts` simulated agents pull at once after one notification, `rounds` times.
+
+    `workers` are the simulating processes; `rpc_workers` the controller's
+    answering processes (`[controller] rpc_workers`, 0: the controller itself).
+    """
     policy = storm_policy(hosts)
     devices = [f"tap{p['id'][:11]}" for p in policy["ports"]]
     per_host = [devices[i:i + PORTS_PER_NODE] for i in range(0, len(devices), PORTS_PER_NODE)]
     result: dict[str, Any] = {
-        "simulated_agents": hosts, "devices_per_pull": PORTS_PER_NODE, "workers": workers,
+        "simulated_agents": hosts, "devices_per_pull": PORTS_PER_NODE,
+        "client_processes": workers, "controller_rpc_workers": rpc_workers,
         "policy": {"ports": len(policy["ports"]), "security_groups": len(policy["security_groups"]),
                    "shape": "100 projects x (default, web, db); 5 projects per host"},
         "measures": "round trip of each security_group_info_for_devices call, all hosts "
                     "calling on the same rule_updated notification", "rounds": []}
     with ExitStack() as cleanup:
         controller = ControllerProcess(workdir, broker.url, policy)
+        with open(controller.conf_path, "a", encoding="utf-8") as conf:
+            conf.write(f"rpc_workers = {rpc_workers}\n")   # the file ends in [controller]
         cleanup.callback(controller.stop)
         controller.start()
         controller.wait_serving(timeout=120)

@@ -12,6 +12,10 @@ Rules of this room:
    they pull everything on their own start, reconnect and periodic resync.
 4. The RPC server starts on its own thread, because `server.start()` blocks
    while the broker is down; SIGTERM must still stop the process.
+5. With `[controller] rpc_workers` > 0 the answering moves to that many
+   worker processes (workers.py) and this process keeps the watch, the
+   diff and the casts; rule 2 then means every worker serves the new
+   policy before the casts go out.
 """
 
 from __future__ import annotations
@@ -32,23 +36,39 @@ from agent.controller.diff import diff
 from agent.controller.endpoint import SecurityGroupInfo, Snapshot
 from agent.controller.notifier import AgentNotifier
 from agent.controller.watch import FileWatcher
+from agent.controller.workers import AnswerWorkers
 from agent.sources import rpc_api
 from agent.sources.policy_file import PolicyFileError, load_policy_text
 
 LOG = logging.getLogger("hostfw.controller")
 STOP_TIMEOUT = 3.0
+# Belongs in agent/config.py's CONTROLLER_OPTS; registered here until it moves there.
+RPC_WORKERS_OPT = cfg.IntOpt(
+    "rpc_workers", default=0, min=0,
+    help="Processes that answer security_group_info_for_devices, besides the one that "
+         "watches the file and sends notifications (0: that one answers too). One "
+         "process answers on one core; use as many as the cores you can spare when "
+         "hundreds of agents pull at once.")
 
 
 class Controller:
     """The policy in force, the q-plugin server and the notifier."""
 
-    def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport) -> None:
+    def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport,
+                 workers: AnswerWorkers | None = None) -> None:
         self.path: str = conf.controller.policy_file
         self.snapshot = Snapshot()
         self.notifier = AgentNotifier(transport)
-        self.server = messaging.get_rpc_server(
+        self.workers = workers
+        self.server = None if workers else messaging.get_rpc_server(
             transport, messaging.Target(topic=rpc_api.PLUGIN_TOPIC, server=conf.host),
             [SecurityGroupInfo(lambda: self.snapshot)])
+
+    def serve(self, snapshot: Snapshot) -> None:
+        """Put `snapshot` in force: here, and in every worker before this returns."""
+        self.snapshot = snapshot
+        if self.workers is not None:
+            self.workers.publish(snapshot.policy)
 
     def load(self) -> Snapshot:
         """Read and parse the file; raises OSError or PolicyFileError."""
@@ -72,7 +92,10 @@ class Controller:
             return
         loaded = time.perf_counter()
         notes = diff(self.snapshot.policy, new.policy)
-        self.snapshot = new
+        if notes:
+            self.serve(new)
+        else:
+            self.snapshot = new   # the same content: the workers' copies stay right
         swapped = time.perf_counter()
         if not notes:
             LOG.info("reload (%s): no change (load %.1f ms)", reason,
@@ -80,7 +103,8 @@ class Controller:
             return
         sent = self.notifier.send(notes)
         LOG.info("reload (%s): %d rule, %d member, %d port update, %d port delete "
-                 "notifications (%d casts sent); load %.1f ms, diff %.1f ms, casts %.1f ms",
+                 "notifications (%d casts sent); load %.1f ms, diff+swap %.1f ms, "
+                 "casts %.1f ms",
                  reason, len(notes.rules_updated), len(notes.members_updated),
                  len(notes.ports_updated), len(notes.ports_deleted), sent,
                  (loaded - started) * 1000, (swapped - loaded) * 1000,
@@ -90,6 +114,10 @@ class Controller:
 def parse_args(argv: list[str] | None) -> cfg.ConfigOpts:
     conf = cfg.CONF   # oslo.messaging needs the global object (see rpc_api)
     config.register_opts(conf)
+    try:
+        conf.register_opt(RPC_WORKERS_OPT, group="controller")
+    except cfg.DuplicateOptError:
+        pass
     conf(argv, project="hostfw", prog="hostfw-controller",
          default_config_files=[f for f in ["/etc/hostfw/agent.conf"] if os.path.exists(f)])
     return conf
@@ -108,28 +136,36 @@ def main(argv: list[str] | None = None) -> int:
     except (cfg.Error, messaging.InvalidTransportURL, messaging.DriverLoadFailure) as exc:
         print(f"hostfw-controller: {exc}", file=sys.stderr)
         return 2
-    controller = Controller(conf, transport)
+    workers = (AnswerWorkers(conf.controller.rpc_workers, rest)
+               if conf.controller.rpc_workers else None)
+    controller = Controller(conf, transport, workers)
     watcher = FileWatcher(controller.path, conf.controller.watch_interval, controller.reload)
     try:
-        controller.snapshot = controller.load()
+        first = controller.load()
     except (OSError, PolicyFileError) as exc:
         print(f"hostfw-controller: {exc}", file=sys.stderr)
         return 1
+    controller.serve(first)
     policy = controller.snapshot.policy
-    LOG.info("serving %s: %d ports, %d security groups", controller.path,
-             len(policy.ports), len(policy.groups))
+    LOG.info("serving %s: %d ports, %d security groups%s", controller.path,
+             len(policy.ports), len(policy.groups),
+             f", answered by {workers.count} workers" if workers else "")
 
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     signal.signal(signal.SIGHUP, lambda *_: watcher.request("SIGHUP"))
-    server_thread = threading.Thread(target=_serve, args=(controller.server,),
-                                     name="rpc-server", daemon=True)
-    server_thread.start()
+    server_thread = None
+    if controller.server is not None:
+        server_thread = threading.Thread(target=_serve, args=(controller.server,),
+                                         name="rpc-server", daemon=True)
+        server_thread.start()
     watcher.start()
     while not stopping.wait(1.0):
         pass
     watcher.stop()
+    if workers is not None:
+        workers.stop()
     closer = threading.Thread(target=_close, args=(controller.server, server_thread, transport),
                               name="rpc-stop", daemon=True)
     closer.start()
@@ -143,11 +179,12 @@ def _serve(server: messaging.MessageHandlingServer) -> None:
     LOG.info("answering %s on %s", rpc_api.SG_INFO_METHOD, rpc_api.PLUGIN_TOPIC)
 
 
-def _close(server: messaging.MessageHandlingServer, started: threading.Thread,
+def _close(server: messaging.MessageHandlingServer | None, started: threading.Thread | None,
            transport: messaging.Transport) -> None:
-    started.join()
-    server.stop()
-    server.wait()
+    if server is not None and started is not None:
+        started.join()
+        server.stop()
+        server.wait()
     transport.cleanup()
 
 

@@ -1,8 +1,10 @@
-"""hostfw-controller's pieces without a broker: reply, device mapping, diff, casts, watch."""
+"""hostfw-controller's pieces: reply, device mapping, diff, casts, watch; without a
+broker, except the answer workers' test at the end (the `broker` fixture)."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import oslo_messaging as messaging
 import pytest
 import yaml
 from oslo_messaging.rpc.dispatcher import ExpectedException
@@ -24,6 +27,8 @@ from agent.model import parse_net, parse_port
 from agent.sources import rpc_api
 from agent.sources.policy_file import load_policy_text
 from agent.sources.rpc_messages import policy_from_replies
+from tests.rpc.broker import Broker
+from tests.rpc.stack import ControllerProcess, notifier_transport, wait_for
 from tests.support.agent import tool
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "hostfw" / "policy.example.yaml"
@@ -358,3 +363,51 @@ def test_controller_refuses_to_start_without_its_file(tmp_path: Path) -> None:
 
 def test_sg_info_version_is_neutrons() -> None:
     assert (rpc_api.SG_INFO_VERSION, SecurityGroupInfo.target.version) == ("1.3", "1.3")
+
+
+# ---------------------------------------------------------------- answer workers (broker)
+
+def test_answer_workers_serve_the_new_policy_before_the_casts(broker: Broker,
+                                                              tmp_path: Path) -> None:
+    """With rpc_workers, every pull an agent makes on a notification gets the new version."""
+    raw = example()
+    controller = ControllerProcess(tmp_path, broker.url, raw)
+    with open(controller.conf_path, "a", encoding="utf-8") as conf:
+        conf.write("rpc_workers = 2\n")   # the file ends in [controller]
+    transport = notifier_transport(broker.url)
+    heard = threading.Event()
+
+    class Listener:
+        target = messaging.Target(version=rpc_api.SG_NOTIFY_VERSION)
+
+        def security_groups_rule_updated(self, context: Any, **kwargs: Any) -> None:
+            heard.set()
+
+    listener = messaging.get_rpc_server(transport, messaging.Target(
+        topic=rpc_api.SG_TOPIC, server=f"test-{os.getpid()}", fanout=True), [Listener()])
+    client = messaging.get_rpc_client(transport, messaging.Target(
+        topic=rpc_api.PLUGIN_TOPIC, version="1.0")).prepare(version="1.3", timeout=30)
+
+    def sg_db_rules(_: object = None) -> int:
+        reply = client.call(rpc_api.admin_context(), rpc_api.SG_INFO_METHOD,
+                            devices=["tapdb1"], call_version="1.3")
+        return len(reply["security_groups"]["sg-db"])
+
+    try:
+        controller.start()
+        wait_for(lambda: controller.log().count("answering security_group_info_for_devices")
+                 == 2, 60, "two answer workers", controller.log)
+        listener.start()
+        before = len(raw["security_groups"]["sg-db"])
+        assert sg_db_rules() == before
+        raw["security_groups"]["sg-db"].pop()
+        controller.write_policy(raw)
+        assert heard.wait(30), controller.log()
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(sg_db_rules, range(16))) == {before - 1}
+    finally:
+        listener.stop()
+        listener.wait()
+        transport.cleanup()
+        controller.stop()
+    assert "did not take policy version" not in controller.log()
