@@ -216,8 +216,9 @@ def run_fleet(run: Run, backends: list[str] | None) -> None:
         run.args.fleet_sizes, run.args.fleet_storm_agents, run.args.fleet_storm_rounds, backend))
     for size, sized in res.get("converge", {}).get("sizes", {}).items():
         run.say(f"  {size} agents: convergence p50 {sized['p50_s']} s, p99 {sized['p99_s']} s")
-    if "p99_s" in res.get("storm", {}):
-        run.say(f"  storm: answer p50 {res['storm']['p50_s']} s, p99 {res['storm']['p99_s']} s")
+    for key, storm in res.items():
+        if key.startswith("storm") and "p99_s" in storm:
+            run.say(f"  {key}: answer p50 {storm['p50_s']} s, p99 {storm['p99_s']} s")
     run.checkpoint()
 
 

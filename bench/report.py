@@ -284,18 +284,26 @@ def _fleet_rows(fleet: dict[str, Any]) -> list[dict[str, Any]]:
                          note=f"p50 {_fmt(res.get('p50_s'), 's')}; {res['not_converged']} not "
                               f"converged; controller reload logged "
                               f"{_fmt(reload.get('logged_after_write_s'), 's')} after the write"))
-    storm = fleet.get("storm", {})
     what = "fleet: 1,000 simulated agents pull 10 devices each at once, controller answer p99"
-    if "error" in storm:
-        rows.append(_row(what, "storm", "-", None, "s", f"p99 <= {STORM_P99_S:g} s", False,
-                         note=storm["error"][:200]))
-    elif storm:
+    for key, storm in sorted(fleet.items()):
+        if not key.startswith("storm"):
+            continue
+        workers = storm.get("controller_rpc_workers", key.rpartition("_")[2])
+        label = f"rpc_workers={workers}" if key != "storm" else "rpc_workers=0"
+        if "error" in storm:
+            rows.append(_row(what, "storm", label, None, "s", f"p99 <= {STORM_P99_S:g} s", False,
+                             note=storm["error"][:200]))
+            continue
         p99 = storm.get("p99_s")
         failed = sum(r["failed_count"] for r in storm["rounds"])
-        rows.append(_row(what, f"{storm['policy']['ports']} ports", "-", p99, "s",
+        cpu = storm["rounds"][-1].get("cpu_s", {}) if storm["rounds"] else {}
+        rows.append(_row(what, f"{storm['policy']['ports']} ports", label, p99, "s",
                          f"p99 <= {STORM_P99_S:g} s", p99 is not None and p99 <= STORM_P99_S
-                         and not failed, note=f"p50 {_fmt(storm.get('p50_s'), 's')}; worst of "
-                                              f"{len(storm['rounds'])} storms; {failed} failed"))
+                         and not failed,
+                         note=f"p50 {_fmt(storm.get('p50_s'), 's')}; worst of "
+                              f"{len(storm['rounds'])} storms; {failed} failed; CPU s in the "
+                              f"last: controller {cpu.get('controller')}, broker "
+                              f"{cpu.get('broker')}, clients {cpu.get('simulated_agents')}"))
     return rows
 
 

@@ -30,6 +30,7 @@ import time
 
 import oslo_messaging as messaging
 from oslo_config import cfg
+from oslo_messaging import opts as messaging_opts
 
 from agent import config
 from agent.controller.diff import diff
@@ -120,7 +121,28 @@ def parse_args(argv: list[str] | None) -> cfg.ConfigOpts:
         pass
     conf(argv, project="hostfw", prog="hostfw-controller",
          default_config_files=[f for f in ["/etc/hostfw/agent.conf"] if os.path.exists(f)])
+    size_reply_pool(conf)
     return conf
+
+
+def size_reply_pool(conf: cfg.ConfigOpts) -> None:
+    """Give every RPC executor thread an AMQP connection to publish its reply on.
+
+    oslo.messaging's defaults are 64 executor threads and 30 pooled
+    connections: in a pull storm the other 34 queue for a connection and
+    log "Connection pool limit exceeded" hundreds of times. An operator's
+    own `rpc_conn_pool_size` still wins; this only moves the default.
+    """
+    wanted = {(None, "executor_thread_pool_size"), ("oslo_messaging_rabbit", "rpc_conn_pool_size")}
+    for group, opts in messaging_opts.list_opts():
+        for opt in opts:
+            if (group, opt.name) in wanted:   # as the driver will; set_default needs them
+                try:
+                    conf.register_opt(opt, group=group)
+                except cfg.DuplicateOptError:
+                    pass
+    conf.set_default("rpc_conn_pool_size", conf.executor_thread_pool_size,
+                     group="oslo_messaging_rabbit")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,11 +15,13 @@ from typing import Any
 import oslo_messaging as messaging
 import pytest
 import yaml
+from oslo_config import cfg
 from oslo_messaging.rpc.dispatcher import ExpectedException
 
 from agent.controller import watch
 from agent.controller.diff import Notifications, diff
 from agent.controller.endpoint import SecurityGroupInfo, Snapshot, build_reply
+from agent.controller.main import size_reply_pool
 from agent.controller.notifier import AgentNotifier
 from agent.controller.watch import FileWatcher
 from agent.controller.wire import plain
@@ -359,6 +361,21 @@ def test_controller_refuses_to_start_without_its_file(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "missing.yaml" in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("default, rabbit, expected", [
+    ("", "", 64),                                   # oslo's 64 threads: 64 connections
+    ("executor_thread_pool_size = 16\n", "", 16),
+    ("", "rpc_conn_pool_size = 10\n", 10),          # the operator's own setting wins
+])
+def test_every_rpc_thread_gets_a_reply_connection_unless_configured(
+        tmp_path: Path, default: str, rabbit: str, expected: int) -> None:
+    conf_file = tmp_path / "c.conf"
+    conf_file.write_text(f"[DEFAULT]\n{default}[oslo_messaging_rabbit]\n{rabbit}")
+    conf = cfg.ConfigOpts()
+    conf(["--config-file", str(conf_file)], default_config_files=[])
+    size_reply_pool(conf)
+    assert conf.oslo_messaging_rabbit.rpc_conn_pool_size == expected
 
 
 def test_sg_info_version_is_neutrons() -> None:
