@@ -20,7 +20,7 @@ Rules of this room:
 4. The identity is taken before the file is read, so a write that lands
    during a reload is seen as a change and loaded next.
 5. Every reload runs on this thread, so reloads never overlap; `request`
-   (SIGHUP) only sets a flag and writes a byte to a pipe (signal safe).
+   (SIGHUP) only bumps a counter and writes a byte to a pipe (signal safe).
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ class FileWatcher(threading.Thread):
         self._seen = identity(path)
         self._state: str | None = None
         self._reason = "SIGHUP"
-        self._asked = False
+        self._requests = 0   # bumped by request(); only this thread reads it
+        self._answered = 0
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -91,7 +92,7 @@ class FileWatcher(threading.Thread):
     def request(self, reason: str = "SIGHUP") -> None:
         """Reload soon even if the file looks unchanged (signal-handler safe)."""
         self._reason = reason
-        self._asked = True
+        self._requests += 1   # a counter, not a flag: a request can never be cleared unseen
         self._wake()
 
     def stop(self) -> None:
@@ -114,7 +115,8 @@ class FileWatcher(threading.Thread):
 
     def _loop(self) -> None:
         while not self._wait(self.interval):
-            asked, self._asked = self._asked, False
+            requests = self._requests
+            asked, self._answered = requests != self._answered, requests
             now = identity(self.path)
             if not asked and now == self._seen:
                 self._state = None   # events about what is loaded already say nothing new
