@@ -78,7 +78,10 @@ class Worker:
         self.proc.wait()
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
-                pipe.close()
+                try:
+                    pipe.close()
+                except OSError:
+                    pass   # unsent bytes for a dead worker: nobody to deliver them to
 
 
 class AnswerWorkers:

@@ -25,6 +25,7 @@ from agent.controller.main import size_reply_pool
 from agent.controller.notifier import AgentNotifier
 from agent.controller.watch import FileWatcher
 from agent.controller.wire import plain
+from agent.controller.workers import AnswerWorkers
 from agent.model import parse_net, parse_port
 from agent.sources import rpc_api
 from agent.sources.policy_file import load_policy_text
@@ -380,6 +381,28 @@ def test_every_rpc_thread_gets_a_reply_connection_unless_configured(
 
 def test_sg_info_version_is_neutrons() -> None:
     assert (rpc_api.SG_INFO_VERSION, SecurityGroupInfo.target.version) == ("1.3", "1.3")
+
+
+# ---------------------------------------------------------------- answer workers
+
+def test_a_dead_answer_worker_is_replaced_and_gets_the_policy_in_force(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"[DEFAULT]\ntransport_url = fake://\n"
+                    f"[controller]\npolicy_file = {tmp_path}/unused.yaml\n")
+    workers = AnswerWorkers(2, ["--config-file", str(conf)])
+    try:
+        workers.publish(load(example()))
+        first, second = workers.workers
+        first.proc.kill()
+        first.proc.wait()
+        workers.publish(load(example()))
+        assert workers.workers[0] is not first and workers.workers[1] is second
+        assert all(w.proc.poll() is None for w in workers.workers)
+        assert "did not take policy version 2" in caplog.text
+    finally:
+        workers.stop()
+    assert all(w.proc.returncode is not None for w in (first, second))
 
 
 # ---------------------------------------------------------------- answer workers (broker)
