@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import netns
+from bench.agent_bench import APPLIED_RE
 from bench.sandbox import add_taps
 from bench.stats import summary
 from tests.rpc.broker import Broker, skip_reason
@@ -67,6 +68,8 @@ CONVERGE_TIMEOUT = 60.0
 START_BATCH = 10               # agents started together, then waited for
 EGRESS = [{"direction": "egress", "ethertype": "IPv4"},
           {"direction": "egress", "ethertype": "IPv6"}]
+PULLED_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[.,]\d{3}) .*?pulled (\d+) devices "
+                       r"in ([\d.]+) s")
 RELOAD_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*reload \(file changed\): "
                        r".*load ([\d.]+) ms, diff\+swap ([\d.]+) ms, casts ([\d.]+) ms")
 
@@ -112,6 +115,24 @@ def replace_policy(controller: ControllerProcess, policy: dict[str, Any]) -> flo
     written = time.time()
     os.replace(tmp, controller.policy_path)
     return written
+
+
+def _stamp(text: str) -> float:
+    return datetime.strptime(text.replace(",", "."), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+
+
+def agent_steps(agent: RpcAgentProcess, since: float) -> dict[str, float | None]:
+    """From an agent's log: when its first pull and first commit after `since` ended."""
+    steps: dict[str, float | None] = {"pulled_s": None, "pull_took_s": None, "applied_s": None}
+    for line in agent.log_path.read_text(errors="replace").splitlines():
+        pulled = PULLED_RE.match(line)
+        if pulled and steps["pulled_s"] is None and _stamp(pulled.group(1)) >= since:
+            steps["pulled_s"] = _stamp(pulled.group(1)) - since
+            steps["pull_took_s"] = float(pulled.group(3))
+        applied = APPLIED_RE.match(line)
+        if applied and steps["applied_s"] is None and _stamp(applied.group(1)) >= since:
+            steps["applied_s"] = _stamp(applied.group(1)) - since
+    return steps
 
 
 def controller_reload(controller: ControllerProcess, since: float) -> dict[str, Any] | None:
@@ -197,6 +218,7 @@ class UdpProbe:
     def __init__(self, nodes: list[FleetNode], port: int) -> None:
         self.port = port
         self.first: dict[int, float] = {}
+        self.max_gap = 0.0   # the longest pause between two sending rounds (a busy machine)
         self._stop = threading.Event()
         self._senders: list[socket.socket] = []
         self._receivers: dict[int, tuple[socket.socket, int]] = {}   # fileno -> (socket, node)
@@ -234,7 +256,10 @@ class UdpProbe:
             made.append(exc)
 
     def _send(self) -> None:
+        last = time.monotonic()
         while not self._stop.wait(PROBE_INTERVAL):
+            now = time.monotonic()
+            self.max_gap, last = max(self.max_gap, now - last), now
             for tx in self._senders:
                 try:
                     tx.send(b"fleet")
@@ -318,19 +343,24 @@ def converge(broker: Broker, sizes: list[int], workdir: Path,
                 time.sleep(0.5)
                 leaked = sorted(probe.first)
                 probe.first.clear()
+                probe.max_gap = 0.0
                 opened.append(port)
                 written = replace_policy(controller, fleet_policy(nodes, opened))
                 probe.wait(len(running), CONVERGE_TIMEOUT)
-                first = dict(probe.first)
+                first, max_gap = dict(probe.first), probe.max_gap
             finally:
                 probe.close()
             times = [first[n.index] - written for n in running if n.index in first]
+            steps = [agent_steps(n.agent, written) for n in running if n.agent is not None]
             result["sizes"][str(size)] = {
+                "agents_logged": {key: tail([s[key] for s in steps if s[key] is not None])
+                                  for key in ("pulled_s", "pull_took_s", "applied_s")},
                 "agents": size, "setup_s": round(time.monotonic() - started, 1),
                 "convergence_s": tail(times),
                 "p50_s": percentile(times, 50), "p99_s": percentile(times, 99),
                 "not_converged": len(running) - len(times),
                 "open_before_change": leaked,
+                "probe_longest_send_pause_s": round(max_gap, 4),
                 "controller_reload": controller_reload(controller, written),
             }
     return result
