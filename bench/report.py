@@ -277,13 +277,15 @@ def _fleet_rows(fleet: dict[str, Any]) -> list[dict[str, Any]]:
         judged = int(size) == FLEET_AGENTS
         met = p99 is not None and p99 <= FLEET_P99_S and not res["not_converged"]
         reload = res.get("controller_reload") or {}
+        pull = (res.get("agents_logged") or {}).get("pull_took_s")
         rows.append(_row(what, f"{size} agents x 10 ports", converge.get("backend", "-"), p99,
                          "s", f"p99 <= {FLEET_P99_S:g} s at {FLEET_AGENTS}" if judged
                          else "(measure)", met if judged else None,
                          _spread(res.get("convergence_s")),
                          note=f"p50 {_fmt(res.get('p50_s'), 's')}; {res['not_converged']} not "
                               f"converged; controller reload logged "
-                              f"{_fmt(reload.get('logged_after_write_s'), 's')} after the write"))
+                              f"{_fmt(reload.get('logged_after_write_s'), 's')} after the write; "
+                              f"agents' pulls took {_fmt(median(pull), 's')} (p50)"))
     what = "fleet: 1,000 simulated agents pull 10 devices each at once, controller answer p99"
     for key, storm in sorted(fleet.items()):
         if not key.startswith("storm"):
