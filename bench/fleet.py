@@ -22,11 +22,15 @@ Rules of this room:
    devices at once, one thread per host (what today's agent does on any
    notification). The controller's answer time is the call's round trip
    seen by the caller, so it includes the queueing behind the other 999.
+   The storm runs twice: answered by the controller process itself, and by
+   two answer workers (`[controller] rpc_workers = 2`). Each round records
+   the CPU seconds of controller (with its workers), broker and clients,
+   because on a small machine they compete for the same cores.
 3. Everything is torn down on the way out, also on errors: agents and
    workers are stopped (killed if need be), namespaces deleted, the broker
    stopped.
 4. `python -m bench --sections fleet` runs both parts; `--quick` runs N = 10
-   and one storm.
+   and one round of each storm.
 """
 
 from __future__ import annotations
