@@ -9,16 +9,20 @@ daemon because oslo.messaging expects it.
 
 from __future__ import annotations
 
-import ipaddress
-import re
 import socket
 
-from oslo_config import cfg
+from oslo_config import cfg, types
 
-CHAIN_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,11}$")
-IPSET_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,7}$")
-DEVICE_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,7}$")
-DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+# Value shapes, checked by oslo.config when an option is read (`validate` reads
+# them all at start). Prefixes leave room in iptables' 28-character chain and
+# ipset's 31-character set names; device names are IFNAMSIZ - 1 long at most.
+NAME_PREFIX_RE = r"^[A-Za-z][A-Za-z0-9_]*$"
+DEVICE_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+DEVICE_NAME_MAX = 15
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+# a.b.c.d/len, len 1 to 32: 0.0.0.0/0 would NAT (or exempt) the whole world.
+IPV4_NETWORK_RE = rf"^({_OCTET}\.){{3}}{_OCTET}/([1-9]|[12][0-9]|3[0-2])$"
+SINGLE_BIT_RE = r"^0x0*[1248]0*$"  # with at most 8 hex digits: one bit of the 32-bit mark
 
 LOG_FORMAT = ("%(asctime)s.%(msecs)03d %(process)d %(levelname)s %(name)s [%(threadName)s] "
               "%(instance)s%(message)s")
@@ -37,40 +41,64 @@ AGENT_OPTS = [
     cfg.StrOpt("policy_file", default="/etc/hostfw/policy.yaml",
                help="Standalone mode's policy, YAML or JSON (ports, security_groups, "
                     "sg_member_ips, address_groups)."),
-    cfg.StrOpt("device_prefix", default="tap",
-               help="Netdevs whose name starts with this are VM ports."),
+    cfg.StrOpt("device_prefix", default="tap", regex=NAME_PREFIX_RE, max_length=8,
+               help="Netdevs whose name starts with this are VM ports. A letter, then "
+                    "letters, digits or '_'; at most 8 characters."),
     cfg.IntOpt("resync_interval", default=30, min=1,
                help="Seconds between full resyncs: re-pull the policy, re-read the kernel, "
                     "repair drift."),
-    cfg.StrOpt("netns", default="",
+    cfg.StrOpt("netns", default="", regex=r"^(?!\.\.?$)[^/]*$", max_length=255,
                help="Manage this named network namespace (netlink, iptables, ipset) while "
                     "RPC and the admin socket stay in the agent's own. Empty: the agent's "
-                    "own namespace."),
+                    "own namespace. A name under /run/netns: no '/', not '.' or '..'."),
     cfg.StrOpt("unknown_device_policy", default="drop", choices=["drop", "accept"],
                help="What a device_prefix netdev with no known port gets."),
-    cfg.FloatOpt("batch_window", default=0.02, min=0.0,
-                 help="Seconds to wait for more events before applying, so that bursts "
-                      "coalesce into one apply."),
+    cfg.FloatOpt("batch_window", default=0.0, min=0.0,
+                 help="Seconds the writer waits for more events after the first one of a "
+                      "burst. 0 (the default) acts on the first event at once; whatever "
+                      "arrives while an apply runs is applied together right after it."),
+    cfg.FloatOpt("report_interval", default=30.0, min=0.0,
+                 help="RPC mode: seconds between report_state heartbeats to Neutron "
+                      "(q-reports-plugin), so that 'openstack network agent list' shows "
+                      "this agent alive. Keep it well below Neutron's agent_down_time. "
+                      "0: no heartbeats (hostfw-controller needs none)."),
 ]
 
 FIREWALL_OPTS = [
     cfg.StrOpt("backend", default="auto",
                choices=["auto", "iptc", "iptables-legacy", "iptables-nft"],
                help="How rules reach the kernel. 'auto' detects the host's iptables mode."),
-    cfg.StrOpt("chain_prefix", default="hostfw",
-               help="Every chain the agent owns starts with '<chain_prefix>-'."),
-    cfg.StrOpt("ipset_prefix", default="hfw",
-               help="Every ipset the agent owns starts with this."),
-    cfg.StrOpt("accept_mark", default="0x1000000",
-               help="The packet mark bit (one bit, hex) a security group's allow sets on its "
-                    "way back to the port chain. Pick a bit no other software on the node "
-                    "uses."),
+    cfg.StrOpt("chain_prefix", default="hostfw", regex=NAME_PREFIX_RE, max_length=12,
+               help="Every chain the agent owns starts with '<chain_prefix>-'. A letter, "
+                    "then letters, digits or '_'; at most 12 characters."),
+    cfg.StrOpt("ipset_prefix", default="hfw", regex=NAME_PREFIX_RE, max_length=8,
+               help="Every ipset the agent owns is named this, then 4 or 6 (the family), "
+                    "then its own part; other sets, even ones starting with this prefix, are "
+                    "never touched. A letter, then letters, digits or '_'; at most 8 "
+                    "characters."),
+    cfg.StrOpt("accept_mark", default="0x1000000", regex=SINGLE_BIT_RE, max_length=10,
+               help="The packet mark bit a security group's allow sets on its way back to "
+                    "the port chain: one bit of 32, in hex (0x1 to 0x80000000). Pick a bit "
+                    "no other software on the node uses."),
     cfg.BoolOpt("conntrack_zones", default=True,
                 help="Give the VM traffic of each bridge its own conntrack zone (raw table "
                      "CT --zone), so overlapping tenant addresses stay apart and a port's "
                      "entries can be deleted precisely."),
     cfg.BoolOpt("enable_ipv6", default=True,
                 help="Program ip6tables too. Turn off only on hosts without IPv6."),
+    cfg.IntOpt("ipset_max_members", default=1 << 20, min=1,
+               help="Largest remote or address group the agent puts in an ipset. A bigger "
+                    "one is refused on its own: its set stays empty, so its rules match "
+                    "nothing (fail closed), the error names it, and other changes still "
+                    "land."),
+    cfg.BoolOpt("manage_bridge_nf_call", default=False,
+                help="Set net.bridge.bridge-nf-call-iptables (and -ip6tables with IPv6) to "
+                     "1 in the managed namespace when they are 0. Without them bridged VM "
+                     "traffic bypasses every rule, and the agent reports itself not ready "
+                     "with an error until they are 1. Off: they are the node's "
+                     "configuration and the agent only reports them. Under the systemd "
+                     "unit /proc/sys is read-only (ProtectKernelTunables): turning this "
+                     "on needs a drop-in with ProtectKernelTunables=no."),
 ]
 
 ADMIN_OPTS = [
@@ -94,38 +122,43 @@ RPC_OPTS = [
     cfg.IntOpt("chunk_size", default=20, min=1,
                help="Devices per security_group_info_for_devices call (Neutron's "
                     "rpc_resources_processing_step)."),
-    cfg.FloatOpt("batch_window", default=0.1, min=0.0,
-                 help="Seconds to gather notifications before pulling, so that a burst "
-                      "of them costs one pull."),
+    cfg.FloatOpt("batch_window", default=0.0, min=0.0,
+                 help="Seconds to wait for more notifications after the first before "
+                      "pulling. 0 (the default) pulls at once; notifications that arrive "
+                      "during a pull are gathered into the next one."),
     cfg.FloatOpt("retry_max_interval", default=10.0, min=0.1,
                  help="Longest wait between pull attempts while the broker or the "
                       "controller is unreachable (exponential backoff with jitter)."),
 ]
 
 METRICS_OPTS = [
-    cfg.StrOpt("listen", default="",
-               help="HOST:PORT for Prometheus /metrics, /healthz and /readyz. Empty: off."),
+    cfg.StrOpt("listen", default="", regex=r"^$|^(\[[0-9A-Fa-f:.]+\]|[0-9A-Za-z.-]*):[0-9]{1,5}$",
+               help="HOST:PORT (or [IPV6]:PORT) for Prometheus /metrics, /healthz and "
+                    "/readyz, e.g. 127.0.0.1:9741. An empty HOST is every IPv4 address. "
+                    "Empty: off."),
 ]
 
 NAT_OPTS = [
-    cfg.StrOpt("fixed_range", default="",
-               help="The VMs' IPv4 network (CIDR), e.g. 10.0.0.0/24. Setting it turns on "
-                    "nova-network style NAT on this node: floating IPs of local ports, host "
-                    "SNAT, the metadata redirect and the DHCP/DNS accepts. Empty: no NAT "
-                    "chains at all, and ports' floating_ips are ignored. IPv4 only. Needs "
-                    "[firewall] conntrack_zones = false."),
-    cfg.StrOpt("routing_source_ip", default="",
-               help="Address the fixed range is SNATed to when leaving the node (the host "
-                    "SNAT). Empty: no host SNAT, VMs without a floating IP keep their fixed "
-                    "source."),
-    cfg.StrOpt("public_interface", default="",
+    cfg.StrOpt("fixed_range", default="", regex=rf"^$|{IPV4_NETWORK_RE}",
+               help="The VMs' IPv4 network (CIDR, prefix length 1 to 32), e.g. "
+                    "10.0.0.0/24. Setting it turns on nova-network style NAT on this node: "
+                    "floating IPs of local ports, host SNAT, the metadata redirect and the "
+                    "DHCP/DNS accepts. Empty: no NAT "
+                    "chains at all, and ports' floating_ips are ignored. IPv4 only. Works "
+                    "with [firewall] conntrack_zones on or off."),
+    cfg.IPOpt("routing_source_ip", version=4,
+              help="IPv4 address the fixed range is SNATed to when leaving the node (the "
+                   "host SNAT). Unset: no host SNAT, VMs without a floating IP keep their "
+                   "fixed source."),
+    cfg.StrOpt("public_interface", default="", regex=rf"^$|{DEVICE_NAME_RE}",
+               max_length=DEVICE_NAME_MAX,
                help="The node's public interface: the host SNAT and a floating IP's SNAT "
                     "apply to traffic leaving through it. Empty: to traffic leaving "
                     "through any interface (after the exemptions)."),
-    cfg.ListOpt("dmz_cidr", default=[],
-                help="IPv4 networks the VMs reach without SNAT, so they see the fixed "
-                     "IPs."),
-    cfg.StrOpt("metadata_host", default="127.0.0.1",
+    cfg.ListOpt("dmz_cidr", default=[], item_type=types.String(regex=IPV4_NETWORK_RE),
+                help="IPv4 networks (CIDR) the VMs reach without SNAT, so they see the "
+                     "fixed IPs."),
+    cfg.IPOpt("metadata_host", version=4, default="127.0.0.1",
                help="IPv4 address of the metadata service. 169.254.169.254:80 from the "
                     "fixed range is DNATed there, or REDIRECTed to metadata_port when this is "
                     "a loopback address (the service must then listen on the bridge address "
@@ -134,6 +167,7 @@ NAT_OPTS = [
                 help="TCP port of the metadata service; INPUT accepts it from the fixed "
                      "range."),
     cfg.ListOpt("dhcp_bridges", default=[],
+                item_type=types.String(regex=DEVICE_NAME_RE, max_length=DEVICE_NAME_MAX),
                 help="Bridges on which this node serves DHCP and DNS to the VMs: INPUT "
                      "accepts udp and tcp ports 67 and 53 arriving on them."),
 ]
@@ -194,68 +228,38 @@ def set_sample_defaults() -> None:
 
 
 def validate(conf: cfg.ConfigOpts) -> list[str]:
-    """Check the values whose shape oslo.config cannot express; return the problems."""
-    problems = []
-    if not CHAIN_PREFIX_RE.fullmatch(conf.firewall.chain_prefix):
-        problems.append(f"[firewall] chain_prefix {conf.firewall.chain_prefix!r} must match "
-                        f"{CHAIN_PREFIX_RE.pattern}")
-    if not IPSET_PREFIX_RE.fullmatch(conf.firewall.ipset_prefix):
-        problems.append(f"[firewall] ipset_prefix {conf.firewall.ipset_prefix!r} must match "
-                        f"{IPSET_PREFIX_RE.pattern}")
-    if not DEVICE_PREFIX_RE.fullmatch(conf.agent.device_prefix):
-        problems.append(f"[agent] device_prefix {conf.agent.device_prefix!r} must match "
-                        f"{DEVICE_PREFIX_RE.pattern}")
-    try:
-        mark = int(conf.firewall.accept_mark, 0)
-        if mark <= 0 or mark >= 1 << 32 or mark & (mark - 1):
-            raise ValueError
-    except ValueError:
-        problems.append(f"[firewall] accept_mark {conf.firewall.accept_mark!r} must be a "
-                        f"single bit such as 0x1000000")
-    if "/" in conf.agent.netns or conf.agent.netns in (".", ".."):
-        problems.append(f"[agent] netns {conf.agent.netns!r} is not a namespace name")
-    return problems + _nat_problems(conf)
+    """The configuration's problems, one line each; never raises.
+
+    oslo.config checks a value against its option's type only when the value
+    is read, so a bad one (`conntrack_zones = maybe`) would otherwise surface
+    as a traceback wherever it is first used. Every registered option (hostfw's
+    and oslo.log's; oslo.messaging registers its own only when the transport is
+    made) is read here once. No check spans two options today: `[nat]` works
+    with conntrack zones on or off (agent/compiler/nat.py `raw_zones` keys both
+    sides of a NAT flow to its bridge's zone).
+    """
+    return value_problems(conf)
 
 
-def _nat_problems(conf: cfg.ConfigOpts) -> list[str]:
-    """[nat] values reach iptables text verbatim: only addresses and device names pass."""
-    nat = conf.nat
+def value_problems(conf: cfg.ConfigOpts) -> list[str]:
+    """A line for every option whose configured value does not fit its type; reading
+    each one makes oslo.config check it. hostfw-controller needs only this part."""
     problems = []
-    for name, values, kind in (
-            ("fixed_range", [nat.fixed_range] if nat.fixed_range else [], "network"),
-            ("dmz_cidr", nat.dmz_cidr, "network"),
-            ("routing_source_ip", [nat.routing_source_ip] if nat.routing_source_ip else [],
-             "address"),
-            ("metadata_host", [nat.metadata_host], "address"),
-            ("public_interface", [nat.public_interface] if nat.public_interface else [],
-             "device"),
-            ("dhcp_bridges", nat.dhcp_bridges, "device")):
-        for value in values:
-            if not _valid(value, kind):
-                problems.append(f"[nat] {name} {value!r} is not {NAT_VALUE_KINDS[kind]}")
-    if nat.fixed_range and _valid(nat.fixed_range, "network") and \
-            ipaddress.IPv4Network(nat.fixed_range, strict=False).prefixlen == 0:
-        problems.append("[nat] fixed_range must not be 0.0.0.0/0")
-    if nat.fixed_range and conf.firewall.conntrack_zones:
-        # A routed flow enters from the bridge in its zone and from the public
-        # side in zone 0: its replies would never match, so NAT would not undo.
-        problems.append("[nat] needs [firewall] conntrack_zones = false: NAT tracks flows "
-                        "that cross bridges and the public interface in one zone")
+    for key in list(conf):
+        try:
+            value = conf[key]
+        except (cfg.Error, ValueError) as exc:
+            problems.append(f"[DEFAULT] {key}: {_reason(exc)}")
+            continue
+        if isinstance(value, cfg.ConfigOpts.GroupAttr):
+            for name in list(value):
+                try:
+                    value[name]
+                except (cfg.Error, ValueError) as exc:
+                    problems.append(f"[{key}] {name}: {_reason(exc)}")
     return problems
 
 
-NAT_VALUE_KINDS = {"network": "an IPv4 network", "address": "an IPv4 address",
-                   "device": "a device name"}
-
-
-def _valid(value: str, kind: str) -> bool:
-    if kind == "device":
-        return bool(DEVICE_NAME_RE.match(value))
-    try:
-        if kind == "network":
-            ipaddress.IPv4Network(value, strict=False)
-        else:
-            ipaddress.IPv4Address(value)
-    except ValueError:
-        return False
-    return True
+def _reason(exc: Exception) -> str:
+    """oslo.config's message without its 'Value for option X from LocationInfo(...)'."""
+    return str(exc).rpartition(" is not valid: ")[2]

@@ -6,14 +6,19 @@ Rules of this room:
    the resync timer) only put events on the queue; the writer thread, which
    entered `[agent] netns` first, drains it, compiles and applies. Nothing
    else touches the kernel.
-2. Bursts coalesce: after the first event the writer waits `batch_window`
-   for more, then applies once.
+2. Leading edge: the writer acts on the first event at once and gathers
+   what arrives while it works into the next step (`[agent] batch_window`,
+   0 by default, adds a wait after the first event). What to do is decided
+   by the pure `agent.reconciler`; this module carries it out.
 3. Fail closed, never flush: until the first policy arrives the agent leaves
    rules it finds in place (a restart adopts them); on a node with none of
    ours yet it applies the empty policy, which drops every managed device.
    SIGTERM leaves every rule where it is.
 4. Failures retry with backoff (tenacity inside an apply, a growing delay
-   between applies) and show in `agent-ctl status`.
+   between applies) and show in `agent-ctl status`. The writer loop is
+   supervised: no exception ends it; the kernel keeps the last good rules.
+5. SIGHUP reloads the policy source; `agent-ctl resync` also re-reads the
+   kernel (in small steps) and repairs drift.
 """
 
 from __future__ import annotations
@@ -27,78 +32,33 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tenacity
 from oslo_config import cfg
 from oslo_log import log as oslo_logging
 
-from agent import config, netns
+from agent import config, netns, version_line
 from agent.admin.server import AdminServer
 from agent.compiler import Compiled, NatSettings, Settings, Snapshot, compile_ruleset, zones
-from agent.compiler.flows import floating_ip_cuts, flows_to_cut
 from agent.compiler.names import Names
 from agent.dataplane.command import KernelWriteError
 from agent.dataplane.engine import ApplyReport, Engine
-from agent.dataplane.flowcut import cut_flows
 from agent.dataplane.restore_backend import RestoreBackend, detect_mode
+from agent.enforcement import BRIDGE_CHECK_EVERY, EnforcementCheck
+from agent.flow_keeper import FlowKeeper
 from agent.metrics import Observer
 from agent.model import Policy
+from agent.reconciler import Action, Apply, BeginRefresh, Check, Reconciler, RefreshStep
 from agent.sources.base import PolicySource
 from agent.sources.netlink import DeviceWatcher
 from agent.sources.policy_file import PolicyFileSource
 from agent.state import NodeState
 
+if TYPE_CHECKING:
+    from agent.sources.report_state import StateReporter
+
 LOG = logging.getLogger("hostfw.agent")
-FORCE_AFTER_FAILURES = 3
-
-
-class Timers:
-    """When the writer must wake up without an event: resync, drift check, retry.
-
-    After every write the kernel is re-read soon (1 s), then at a doubling
-    interval up to `resync_interval`, so tampering right after a change is
-    caught quickly without re-reading a large table on every apply. Failed
-    applies are retried with a doubling delay, capped at 30 s.
-    """
-
-    def __init__(self, resync_interval: float) -> None:
-        self.resync_interval = resync_interval
-        now = time.monotonic()
-        self.due = {"resync": now + resync_interval}
-        self.drift_delay = 1.0
-        self.retry_delay = 0.0
-        self.failures = 0
-
-    def next_due(self) -> float:
-        return min(self.due.values())
-
-    def pop_due(self) -> set[str]:
-        now = time.monotonic()
-        fired = {name for name, at in self.due.items() if at <= now}
-        for name in fired:
-            del self.due[name]
-        if "resync" in fired or "resync" not in self.due:
-            self.due["resync"] = now + self.resync_interval
-        return fired
-
-    def after_apply(self, ok: bool, changed: bool) -> None:
-        now = time.monotonic()
-        if not ok:
-            self.failures += 1
-            self.retry_delay = min(30.0, max(1.0, self.retry_delay * 2))
-            self.due["retry"] = now + self.retry_delay
-            return
-        self.failures = 0
-        self.retry_delay = 0.0
-        self.due.pop("retry", None)
-        if changed:
-            self.drift_delay = 1.0
-        elif "drift" not in self.due:
-            self.drift_delay = min(self.resync_interval, self.drift_delay * 2)
-            if self.drift_delay >= self.resync_interval:
-                return
-        self.due["drift"] = now + self.drift_delay
 
 
 @dataclass
@@ -129,6 +89,7 @@ def settings_from_conf(conf: cfg.ConfigOpts) -> Settings:
         accept_mark=int(conf.firewall.accept_mark, 0),
         conntrack_zones=conf.firewall.conntrack_zones,
         nat=nat_settings(conf),
+        max_set_members=conf.firewall.ipset_max_members,
     )
 
 
@@ -137,10 +98,23 @@ def nat_settings(conf: cfg.ConfigOpts) -> NatSettings | None:
     nat = conf.nat
     if not nat.fixed_range:
         return None
-    return NatSettings(fixed_range=nat.fixed_range, routing_source_ip=nat.routing_source_ip,
+    return NatSettings(fixed_range=nat.fixed_range, routing_source_ip=nat.routing_source_ip or "",
                        public_interface=nat.public_interface, dmz_cidr=tuple(nat.dmz_cidr),
                        metadata_host=nat.metadata_host, metadata_port=nat.metadata_port,
                        dhcp_bridges=tuple(nat.dhcp_bridges))
+
+
+def make_reporter(conf: cfg.ConfigOpts, source: PolicySource,
+                  state: NodeState) -> StateReporter | None:
+    """RPC mode's report_state heartbeat (Neutron's agent list); None in standalone."""
+    if conf.agent.mode != "rpc" or conf.agent.report_interval <= 0:
+        return None
+    from agent.sources.report_state import StateReporter, configurations_of
+    from agent.sources.rpc import RpcSource
+    assert isinstance(source, RpcSource)
+    return StateReporter(source.transport, conf.host, conf.agent.report_interval,
+                         lambda: configurations_of(state.status(source.status())),
+                         on_revived=source.resync)
 
 
 def make_source(conf: cfg.ConfigOpts) -> PolicySource:
@@ -160,6 +134,7 @@ class Agent:
         self.queue: queue.Queue[Event] = queue.Queue()
         self.state = NodeState(mode=conf.agent.mode, namespace=conf.agent.netns)
         self.metrics = Observer(conf.agent.resync_interval, source.status)
+        self.reporter = make_reporter(conf, source, self.state)
         self.stopping = threading.Event()
         self.fatal: str | None = None
         self.engine: Engine | None = None
@@ -170,18 +145,20 @@ class Agent:
         # (a thread inherits the namespace of the thread that starts it).
         self.resyncer = threading.Thread(target=self._resync_main, name="resync", daemon=True)
         self._resync_wanted = threading.Event()
-        self._devices_seen = threading.Event()
         self.bridges: dict[str, str] = {}       # managed device -> its bridge
         self.zones: dict[str, int] = {}         # bridge -> conntrack zone
-        self.last_snapshot: Snapshot | None = None
-        self.floating_ips: dict[str, str] = {}  # floating -> fixed IP, as last applied
+        self.flows = FlowKeeper(self.settings.families, self.metrics.loop_alive)
+        self.enforcement = EnforcementCheck(self.settings.families,
+                                            conf.firewall.manage_bridge_nf_call,
+                                            self.settings.names.owns_chain, self.metrics)
 
     # ------------------------------------------------------------ shells enqueue
 
     def _on_devices(self, devices: dict[str, str], full: bool) -> None:
+        """A device list from netlink; `full` (a fresh dump) needs no kernel re-read:
+        the device list is complete either way, and the rules did not move."""
         self.metrics.event_queued("devices")
-        self.queue.put(Event("devices", (devices, full)))
-        self._devices_seen.set()
+        self.queue.put(Event("devices", devices))
 
     def _on_policy(self, policy: Policy) -> None:
         self.metrics.event_queued("policy")
@@ -194,7 +171,11 @@ class Agent:
         self.queue.put(Event("stop"))
 
     def request_resync(self, wait: bool = False, timeout: float = 60.0) -> dict[str, Any]:
-        """Re-read the source, re-scan, recompile, reconcile; optionally wait for it."""
+        """Re-read the source and the whole kernel, repair; optionally wait for it.
+
+        A waiter that comes before the first device dump waits for it, all
+        within `timeout`.
+        """
         self.source.resync()
         waiter = Waiter() if wait else None
         self.metrics.event_queued("resync")
@@ -204,6 +185,10 @@ class Agent:
         if not waiter.done.wait(timeout):
             return {"ok": False, "error": f"resync did not finish within {timeout} s"}
         return waiter.result
+
+    def request_reload(self) -> None:
+        """SIGHUP: re-read the policy source only; the kernel is not re-read."""
+        self.source.reload()
 
     def call_on_writer(self, fn: Callable[[Engine], Any], timeout: float = 30.0) -> Any:
         """Run `fn(engine)` on the writer thread (in the managed namespace)."""
@@ -224,11 +209,7 @@ class Agent:
         except (OSError, ValueError, KernelWriteError) as exc:
             self._on_fatal(f"cannot start the writer: {exc}")
             return
-        try:
-            self._loop(self.engine)
-        except Exception:  # a bug: exit non-zero (systemd restarts us) rather than hang
-            LOG.exception("the writer thread failed")
-            self._on_fatal("the writer thread failed; see the log")
+        self._loop(self.engine)
 
     def _make_engine(self) -> Engine:
         mode = self.conf.firewall.backend
@@ -248,76 +229,107 @@ class Agent:
         engine = Engine(self.metrics.counted(backend), self.settings.names,
                         self.settings.families)
         engine.ipsets = self.metrics.counted_ipsets()
-        raw = engine.read()[4].get("raw")
+        raw = engine.adopt()[4].get("raw")  # the one full read of a start
         if raw:  # adopt the zones of a previous run, so conntrack entries stay valid
             self.zones = zones.zones_from_rules(raw.chains.get(self.settings.names.chain(
                 "PREROUTING"), []))
         return engine
 
     def _loop(self, engine: Engine) -> None:
-        timers = Timers(self.conf.agent.resync_interval)
+        """Take events, let the reconciler decide, carry out its actions.
+
+        Supervised: an exception from any action is logged, counted and backed
+        off by the reconciler, and the kernel keeps the last good rules; the
+        loop itself never dies of one.
+        """
+        rec = Reconciler(self.conf.agent.resync_interval, now=time.monotonic())
         while not self.stopping.is_set():
             self.metrics.loop_alive()
-            batch = self._next_batch(min(timers.next_due(), self.metrics.watchdog_deadline()))
-            self.metrics.events_taken(event.kind for event in batch)
-            waiters = [e.waiter for e in batch if e.waiter and e.kind != "call"]
-            dirty = refresh = False
-            for event in batch:
-                if event.kind == "stop":
+            if not self._take_events(rec, block=False):
+                return
+            if self.enforcement.bridge(time.monotonic()):
+                self.state.record_enforcement(self.enforcement.problems,
+                                              self.enforcement.warnings)
+            action = rec.next_action(time.monotonic())
+            if action is None:
+                deadline = min(rec.deadline(), self.metrics.watchdog_deadline(),
+                               time.monotonic() + BRIDGE_CHECK_EVERY)
+                if not self._take_events(rec, block=True, deadline=deadline):
                     return
-                if event.kind == "call":
-                    self._run_call(engine, event)
-                elif event.kind == "devices":
-                    bridges, full = event.payload
-                    self.bridges = bridges
-                    self.state.devices = frozenset(bridges)
-                    self.source.set_devices(self.state.devices)
-                    dirty = True
-                    refresh |= full
-                elif event.kind == "policy":
-                    self.state.policy = event.payload
-                    dirty = True
-                elif event.kind == "resync":
-                    dirty = refresh = True
-            due = timers.pop_due()
-            if "resync" in due:
-                self._periodic_resync()
-            if due:
-                dirty = True
-                refresh |= bool(due & {"resync", "drift"})
-            if not dirty:
                 continue
-            if not self._devices_seen.is_set():
-                for waiter in waiters:
-                    waiter.finish(ok=False, error="the agent has not seen the devices yet")
-                continue
-            ok, changed = self._apply(engine, refresh=refresh or bool(waiters),
-                                      force=timers.failures >= FORCE_AFTER_FAILURES,
-                                      verify=refresh or bool(waiters))
-            timers.after_apply(ok, changed)
-            for waiter in waiters:
-                waiter.finish(ok=ok and self.state.in_sync, in_sync=self.state.in_sync,
-                              generation=self.state.generation,
-                              **({} if ok else {"error": self.state.apply_error}))
-
-    def _next_batch(self, deadline: float) -> list[Event]:
-        """Wait for an event (or the deadline), then gather a burst of them."""
-        try:
-            first = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            return []
-        batch = [first]
-        end = time.monotonic() + self.conf.agent.batch_window
-        while (left := end - time.monotonic()) > 0:
             try:
-                batch.append(self.queue.get(timeout=left))
-            except queue.Empty:
-                break
-        return batch
+                self._perform(engine, rec, action)
+            except Exception as exc:  # supervised: back off, keep the last good rules
+                self._writer_failed(rec, action, exc)
 
-    def _periodic_resync(self) -> None:
-        """Ask the source for a full resync without blocking the writer."""
-        self._resync_wanted.set()
+    def _take_events(self, rec: Reconciler, block: bool, deadline: float = 0.0) -> bool:
+        """Feed queued events to `rec`; with `block`, wait for the first until
+        `deadline` (then `[agent] batch_window` for more). False on stop."""
+        batch = []
+        try:
+            if block:
+                batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                end = time.monotonic() + self.conf.agent.batch_window
+                while (left := end - time.monotonic()) > 0:
+                    batch.append(self.queue.get(timeout=left))
+            while True:
+                batch.append(self.queue.get_nowait())
+        except queue.Empty:
+            pass
+        if batch:
+            self.metrics.events_taken(event.kind for event in batch)
+        for event in batch:
+            if event.kind == "stop":
+                return False
+            if event.kind == "call":
+                self._run_call(event)
+            elif event.kind == "devices":
+                self.bridges = event.payload
+                self.state.devices = frozenset(self.bridges)
+                self.source.set_devices(self.state.devices)
+                rec.devices_changed()
+            elif event.kind == "policy":
+                self.state.policy = event.payload
+                rec.policy_changed()
+            elif event.kind == "resync":
+                rec.resync_asked(event.waiter)
+        return True
+
+    def _perform(self, engine: Engine, rec: Reconciler, action: Action) -> None:
+        if isinstance(action, Apply):
+            report = self._apply(engine, force=action.force, verify=action.verify)
+            for waiter in rec.applied(report.changed, report.touched, report.sets_touched):
+                self._answer(waiter, ok=True)
+        elif isinstance(action, BeginRefresh):
+            if action.source:
+                self._resync_wanted.set()  # the source re-reads on its own thread
+            compiled = self.state.compiled
+            rec.refresh_planned(engine.refresh_steps(compiled.ruleset if compiled else None))
+        elif isinstance(action, RefreshStep):
+            engine.refresh_step(action.step)
+            rec.step_done()
+        elif isinstance(action, Check):
+            differs = engine.check(action.touched, set(action.sets))
+            if differs:
+                LOG.warning("read-back after a write found drift in %s", ", ".join(differs[:10]))
+            rec.checked(bool(differs))
+
+    def _writer_failed(self, rec: Reconciler, action: Action, exc: Exception) -> None:
+        if isinstance(exc, KernelWriteError):
+            LOG.error("%s failed: %s", type(action).__name__, exc)
+        else:  # a bug, or input the checks missed: never lose the writer to it
+            LOG.exception("%s failed", type(action).__name__)
+        error = f"{type(action).__name__.lower()} failed: {exc}"
+        self.state.record_failure(None, error)
+        self.metrics.writer_failed(error, isinstance(exc, KernelWriteError))
+        for waiter in rec.failed(action):
+            self._answer(waiter, ok=False, error=error)
+
+    def _answer(self, waiter: object, ok: bool, error: str | None = None) -> None:
+        assert isinstance(waiter, Waiter)
+        in_sync = ok and self.state.in_sync
+        waiter.finish(ok=in_sync, in_sync=in_sync, generation=self.state.generation,
+                      **({"error": error} if error else {}))
 
     def _resync_main(self) -> None:
         while not self.stopping.is_set():
@@ -329,41 +341,40 @@ class Agent:
             except Exception:  # the next period tries again; the loop must live on
                 LOG.exception("periodic resync of the %s source failed", self.source.name)
 
-    def _run_call(self, engine: Engine, event: Event) -> None:
-        assert event.waiter is not None
+    def _run_call(self, event: Event) -> None:
+        assert event.waiter is not None and self.engine is not None
         try:
-            event.waiter.finish(value=event.payload(engine))
+            event.waiter.finish(value=event.payload(self.engine))
         except Exception as exc:  # reported to the admin caller, never kills the loop
             event.waiter.finish(error=f"{type(exc).__name__}: {exc}")
 
-    def _apply(self, engine: Engine, refresh: bool, force: bool,
-               verify: bool) -> tuple[bool, bool]:
-        """Compile and apply; returns (succeeded, wrote anything)."""
+    def _apply(self, engine: Engine, force: bool, verify: bool) -> ApplyReport:
+        """Compile and apply; raises KernelWriteError after tenacity's retries."""
         policy = self.state.policy
         if policy is None:
+            assert engine.view is not None
             has_ours = any(self.settings.names.owns_chain(c)
-                           for tables in engine.read().values()
+                           for tables in engine.view.values()
                            for t in tables.values() for c in t.chains)
             if has_ours:
                 LOG.info("no policy yet; keeping the rules found in the kernel")
                 self.metrics.waiting_for_policy()
-                return True, False
+                return ApplyReport(in_sync=self.state.in_sync)
             policy = Policy()
         snapshot = self._snapshot(policy)
         compiled = compile_ruleset(snapshot)
         try:
-            report = self._apply_with_retries(engine, compiled, refresh, force, verify)
+            report = self._apply_with_retries(engine, compiled, force, verify)
         except KernelWriteError as exc:
-            LOG.error("apply failed: %s", exc)
             self.state.record_failure(compiled, f"apply failed: {exc}")
             self.metrics.apply_failed(str(exc))
-            return False, False
+            raise
+        if report.refreshed and engine.view is not None:
+            self.enforcement.foreign(engine.view)
+            self.state.record_enforcement(self.enforcement.problems, self.enforcement.warnings)
         self.state.record_apply(compiled, report)
         self.metrics.applied(report, compiled, self.state.generation)
-        cut_errors = cut_flows(flows_to_cut(self.last_snapshot, snapshot) +
-                               floating_ip_cuts(self.floating_ips, compiled.floating_ips))
-        self.last_snapshot = snapshot
-        self.floating_ips = dict(compiled.floating_ips)
+        cut_errors = self.flows.after_apply(snapshot, compiled, self.state.policy is not None)
         for error in cut_errors:
             LOG.warning("%s", error)
         for warning in report.warnings:
@@ -373,7 +384,7 @@ class Agent:
                      "%.3f s, in_sync=%s", self.state.generation, report.tables_written,
                      report.chains_written, report.lines_written, report.ipset_members_added,
                      report.ipset_members_removed, report.seconds, report.in_sync)
-        return True, report.changed
+        return report
 
     def _snapshot(self, policy: Policy) -> Snapshot:
         """The compiler's input; zones are allocated here so they stay stable."""
@@ -383,7 +394,7 @@ class Agent:
                         dict(self.zones))
 
     @staticmethod
-    def _apply_with_retries(engine: Engine, compiled: Compiled, refresh: bool, force: bool,
+    def _apply_with_retries(engine: Engine, compiled: Compiled, force: bool,
                             verify: bool) -> ApplyReport:
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(KernelWriteError),
@@ -393,21 +404,26 @@ class Agent:
                                                 rs.attempt_number, rs.outcome.exception()),
             reraise=True,
         )
-        return retrying(engine.apply, compiled.ruleset, refresh=refresh, force=force,
-                        verify=verify)
+        return retrying(engine.apply, compiled.ruleset, force=force, verify=verify)
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        """The source first: a policy file is read before the device dump can arrive,
+        so a cold start is one apply of the whole policy, not an empty one first."""
         self.resyncer.start()
         self.writer.start()
-        self.watcher.start()
         self.source.start(self._on_policy)
+        self.watcher.start()
+        if self.reporter is not None:
+            self.reporter.start()
 
     def stop(self) -> None:
         self.stopping.set()
         self.queue.put(Event("stop"))
         self.watcher.stop()
+        if self.reporter is not None:
+            self.reporter.stop()
         self.source.stop()
 
 
@@ -415,7 +431,7 @@ def parse_args(argv: list[str] | None) -> cfg.ConfigOpts:
     conf = cfg.CONF
     config.register_opts(conf)
     config.set_log_defaults(conf)
-    conf(argv, project="hostfw", prog="hostfw-agent",
+    conf(argv, project="hostfw", prog="hostfw-agent", version=version_line("hostfw-agent"),
          default_config_files=[f for f in ["/etc/hostfw/agent.conf"] if os.path.exists(f)])
     return conf
 
@@ -426,12 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     except cfg.Error as exc:
         print(f"hostfw-agent: {exc}", file=sys.stderr)
         return 2
-    oslo_logging.setup(conf, "hostfw")  # stderr (journald) unless configured otherwise
-    problems = config.validate(conf)
+    problems = config.validate(conf)  # reads every option: oslo.log's too, before setup
     if problems:
         for problem in problems:
             print(f"hostfw-agent: {problem}", file=sys.stderr)
         return 2
+    oslo_logging.setup(conf, "hostfw")  # stderr (journald) unless configured otherwise
     if conf.agent.netns and not os.path.exists(netns.netns_path(conf.agent.netns)):
         print(f"hostfw-agent: [agent] netns {conf.agent.netns!r} does not exist",
               file=sys.stderr)
@@ -452,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(
-        target=agent.request_resync, name="sighup", daemon=True).start())
+        target=agent.request_reload, name="sighup", daemon=True).start())
     agent.start()
     LOG.info("hostfw-agent started (mode %s)", conf.agent.mode)
     while not agent.stopping.wait(1.0):

@@ -15,7 +15,8 @@ Rules of this room:
    turned for that long (it turns at least every resync_interval). An idle
    agent is healthy.
 4. The HTTP server is started from the main thread, so it listens in the
-   agent's own network namespace, never in `[agent] netns`.
+   agent's own network namespace, never in `[agent] netns`. It is bounded:
+   a few connections (threads) at a time, each with a timeout.
 5. Every metric is `hostfw_*`, with its unit in the name; doc/operations.md
    lists them. A "full" apply is one that re-read the kernel first.
 """
@@ -25,13 +26,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import platform
 import socket
 import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, TypeVar
 
 from prometheus_client import (
@@ -48,8 +50,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+import agent
 from agent import sdnotify
+from agent.bounded import BoundedThreads
 from agent.compiler import Compiled
+from agent.dataplane import xtables_lock
 from agent.dataplane.backend import Backend
 from agent.dataplane.engine import ApplyReport
 from agent.dataplane.ipsets import IpsetWriter
@@ -67,6 +72,9 @@ PROGRAMMING_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 EVENT_KINDS = ("devices", "policy", "resync")  # what the daemon's shells queue
 KERNEL_TOOLS = ("iptables", "ip6tables", "ipset")
 STATUS_ERROR_CHARS = 200  # a STATUS= line is shown by `systemctl status`: keep it one line
+MAX_CONNECTIONS = 16  # concurrent HTTP connections (one thread each); scrapes are short
+IO_TIMEOUT = 5.0      # seconds a connection may take to send its request or read the answer
+BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 @dataclass(frozen=True)
@@ -120,13 +128,19 @@ class Observer:
         self._last_apply_at: float | None = None    # unix time, for /healthz
         self._last_ping: float | None = None
         self._last_status = ""
-        self._backend: Backend | None = None
+        self._writer_error: str | None = None      # the last action failed; cleared by an apply
         self._server: _Server | None = None
+        self._bridge_nf: dict[int, bool] = {}      # ip version -> hook alive, as last checked
+        self._bridge_nf_problems: tuple[str, ...] = ()
+        self._foreign_ahead: dict[tuple[int, str, str], int] = {}  # (version, table, chain)
 
         disable_created_metrics()  # the *_created series only double the scrape
         self.registry = registry = CollectorRegistry()
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=registry)
+        Gauge("hostfw_build_info", "Always 1; the labels say which hostfw runs (the version "
+              "setuptools-scm derived from git) on which Python.", ["version", "python"],
+              registry=registry).labels(agent.version(), platform.python_version()).set(1)
         self.apply_seconds = Histogram(
             "hostfw_apply_duration_seconds",
             "Time the engine took for a successful apply (kernel read, writes, verify). "
@@ -141,6 +155,12 @@ class Observer:
             "From an event being queued (devices, policy, resync request) to the end of "
             "the apply that put its result in the kernel.",
             ["kind"], buckets=PROGRAMMING_BUCKETS, registry=registry)
+        self.writer_errors = Counter(
+            "hostfw_writer_errors_total",
+            "Actions of the writer (apply, kernel re-read, read-back) that raised; the writer "
+            "backs off and keeps the last good rules. kind=kernel: a kernel tool failed; "
+            "kind=internal: anything else (a bug, or input the checks missed).",
+            ["kind"], registry=registry)
         self.events = Counter(
             "hostfw_events", "Events queued for the writer, by kind.", ["kind"],
             registry=registry)
@@ -186,6 +206,8 @@ class Observer:
                 counter.labels(tool)
         for op in ("add", "remove"):
             self.ipset_member_changes.labels(op)
+        for kind in ("kernel", "internal"):
+            self.writer_errors.labels(kind)
 
     # ------------------------------------------------------------ shells (any thread)
 
@@ -225,6 +247,7 @@ class Observer:
             first = self._applied is None
             self._applied = applied
             self._last_apply_at = wall
+            self._writer_error = None
         for kind, queued_at in taken:
             self.programming_seconds.labels(kind).observe(now - queued_at)
         sync = "in sync" if applied.in_sync else "NOT in sync with the kernel"
@@ -237,12 +260,37 @@ class Observer:
         self.apply_failures.inc()
         self._status(f"apply failed, retrying: {error[:STATUS_ERROR_CHARS]}")
 
+    def writer_failed(self, error: str, kernel: bool) -> None:
+        """An action of the writer raised; until an apply succeeds the agent is
+        neither ready nor healthy (the kernel keeps the last good rules)."""
+        self.writer_errors.labels("kernel" if kernel else "internal").inc()
+        with self._lock:
+            self._writer_error = error
+        self._status(f"writer error, backing off: {error[:STATUS_ERROR_CHARS]}")
+
     def waiting_for_policy(self) -> None:
         """The writer consumed the changes and deliberately wrote nothing: it keeps the
         rules of a previous run until the first policy arrives. Not ready yet."""
         with self._lock:
             self._taken = []
         self._status("waiting for the first policy; keeping the rules found in the kernel")
+
+    def bridge_nf_checked(self, ok: Mapping[int, bool], problems: Iterable[str]) -> None:
+        """The bridge netfilter hook's state (agent/dataplane/brnf.py). While it is
+        dead (`problems`), the agent is not ready, whatever the applies say."""
+        problems = tuple(problems)
+        with self._lock:
+            self._bridge_nf = dict(ok)
+            self._bridge_nf_problems = problems
+        if problems:  # `systemctl status` shows it; READY=1 is not withdrawn (systemd
+            # would restart-loop a node that cannot enforce, which helps nobody)
+            self._status(f"NOT ENFORCING: {problems[0][:STATUS_ERROR_CHARS]}")
+
+    def foreign_rules_ahead(self, counts: Mapping[tuple[int, str, str], int]) -> None:
+        """Foreign rules ahead of our hooks, per (ip version, table, built-in chain), as
+        agent/dataplane/plan.py `rules_ahead_of_hooks` found them at the last read."""
+        with self._lock:
+            self._foreign_ahead = dict(counts)
 
     def loop_alive(self) -> None:
         """Called at every turn of the writer loop: liveness and the systemd watchdog.
@@ -275,7 +323,6 @@ class Observer:
 
     def counted(self, backend: Backend) -> Backend:
         """`backend`, counting its reads, commits and their errors."""
-        self._backend = backend
         return _CountingBackend(backend, self)
 
     def counted_ipsets(self) -> IpsetWriter:
@@ -298,7 +345,7 @@ class Observer:
     @property
     def ready(self) -> bool:
         with self._lock:
-            return self._applied is not None
+            return self._applied is not None and not self._bridge_nf_problems
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """(healthy, the /healthz document)."""
@@ -306,7 +353,9 @@ class Observer:
         with self._lock:
             pending, oldest = self._pending(now)
             alive, last_apply_at = self._last_alive, self._last_apply_at
-        problems = []
+            writer_error = self._writer_error
+        problems = [f"the writer is backing off after an error: {writer_error}"] \
+            if writer_error else []
         if oldest is not None and oldest > self.health_timeout:
             problems.append(f"a change has waited {oldest:.1f} s without an apply "
                             f"(limit {self.health_timeout:g} s)")
@@ -320,14 +369,28 @@ class Observer:
         }
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """(ready, the /readyz document): ready once the first apply completed."""
+        """(ready, the /readyz document): ready once the first apply completed, and
+        not while the node cannot enforce (a dead bridge netfilter hook) or the
+        writer is backing off after an error."""
         with self._lock:
-            applied = self._applied
-        return applied is not None, {
-            "ready": applied is not None,
+            applied, problems = self._applied, list(self._bridge_nf_problems)
+            if self._writer_error:
+                problems.append(f"the writer is backing off after an error: "
+                                f"{self._writer_error}")
+        ready = applied is not None and not problems
+        doc: dict[str, Any] = {
+            "ready": ready,
             "generation": applied.generation if applied else 0,
             "in_sync": applied.in_sync if applied else False,
         }
+        if problems:
+            doc["problems"] = list(problems)
+        return ready, doc
+
+    def enforcement(self) -> tuple[dict[int, bool], dict[tuple[int, str, str], int]]:
+        """(bridge hook alive per ip version, foreign rules ahead of our hooks)."""
+        with self._lock:
+            return dict(self._bridge_nf), dict(self._foreign_ahead)
 
     def snapshot(self) -> tuple[Applied | None, int, float | None]:
         """(last apply, pending changes, age of the oldest) for the state collector."""
@@ -339,14 +402,6 @@ class Observer:
         """(changes queued or taken but not applied, age of the oldest); under the lock."""
         stamps = [q[0] for q in self._queued.values() if q] + [at for _, at in self._taken]
         return len(stamps), (now - min(stamps) if stamps else None)
-
-    def lock_waits(self) -> int:
-        """Waits for the xtables lock, if the backend counts them (`lock_waits`).
-
-        Neither backend does today: iptables-restore --wait waits inside the
-        tool, and the iptc backend's xtables_lock does not count. Reported as 0.
-        """
-        return int(getattr(self._backend, "lock_waits", 0) or 0)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -403,7 +458,8 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         applied, pending, oldest = self.observer.snapshot()
-        yield _gauge("hostfw_ready", "1 once the first apply completed.", applied is not None)
+        yield _gauge("hostfw_ready", "1 once the first apply completed, while the node can "
+                     "enforce (see hostfw_bridge_nf_call_ok).", self.observer.ready)
         yield _gauge("hostfw_in_sync", "1 when the last apply verified the kernel matches.",
                      bool(applied and applied.in_sync))
         yield _gauge("hostfw_generation", "Applies that changed or confirmed the kernel.",
@@ -435,9 +491,26 @@ class _StateCollector(Collector):
             for version, count in sorted(getattr(applied, attr, {}).items()):
                 family.add_metric([str(version)], count)
             yield family
+        bridge_nf, ahead = self.observer.enforcement()
+        family = GaugeMetricFamily(
+            "hostfw_bridge_nf_call_ok", "1 when net.bridge.bridge-nf-call-iptables "
+            "(ip_version 4) or -ip6tables (6) is 1 in the managed namespace; at 0 bridged "
+            "traffic bypasses every rule.", labels=["ip_version"])
+        for version, ok in sorted(bridge_nf.items()):
+            family.add_metric([str(version)], float(ok))
+        yield family
+        family = GaugeMetricFamily(
+            "hostfw_foreign_rules_ahead_of_hook", "Rules of other tools ahead of the "
+            "agent's hook in a built-in chain, at the last kernel read; an ACCEPT there "
+            "lets traffic past every security group.", labels=["ip_version", "table", "chain"])
+        for (version, table, chain), count in sorted(ahead.items()):
+            family.add_metric([str(version), table, chain], count)
+        yield family
         yield CounterMetricFamily(
-            "hostfw_xtables_lock_waits", "Times a kernel write waited for the xtables lock "
-            "(0: no backend counts its waits yet).", value=self.observer.lock_waits())
+            "hostfw_xtables_lock_waits", "Times the agent found the xtables lock held by "
+            "another writer and waited (the iptc backend takes the lock itself; "
+            "iptables-restore waits inside the tool, uncounted).",
+            value=xtables_lock.waits())
         yield from _source_metrics(self.observer.source_status())
 
 
@@ -464,8 +537,13 @@ class _CountingBackend:
         self._inner = inner
         self._observer = observer
 
-    def save(self, family: int) -> str:
-        return self._observer.kernel_call("read", _iptables(family), self._inner.save, family)
+    def save(self, family: int, table: str | None = None) -> str:
+        args = (family, table) if table else (family,)
+        return self._observer.kernel_call("read", _iptables(family), self._inner.save, *args)
+
+    def list_chain(self, family: int, table: str, chain: str) -> str | None:
+        return self._observer.kernel_call("read", _iptables(family), self._inner.list_chain,
+                                          family, table, chain)
 
     def commit(self, plan: TablePlan) -> None:
         self._observer.kernel_call("write", _iptables(plan.family), self._inner.commit, plan)
@@ -481,8 +559,8 @@ class _CountingIpsetWriter(IpsetWriter):
         super().__init__()
         self._observer = observer
 
-    def save(self) -> str:
-        return self._observer.kernel_call("read", "ipset", super().save)
+    def save(self, *names: str) -> str:
+        return self._observer.kernel_call("read", "ipset", super().save, *names)
 
     def restore(self, lines: list[str]) -> None:
         if lines:
@@ -493,17 +571,31 @@ def _iptables(family: int) -> str:
     return "ip6tables" if family == 6 else "iptables"
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(BoundedThreads, HTTPServer):
+    """One thread per connection, at most `MAX_CONNECTIONS` of them.
+
+    A connection over the cap is answered 503 and closed at once, and every
+    connection times out after `IO_TIMEOUT`: idle clients can hold neither
+    threads nor file descriptors, only the few slots, for a few seconds.
+    """
+
+    request_queue_size = 128
+    refusal = BUSY
 
     def __init__(self, address: tuple[str, int], observer: Observer, family: int) -> None:
         self.address_family = family
         self.observer = observer
+        self.io_timeout = IO_TIMEOUT
+        self.limit(MAX_CONNECTIONS)
         super().__init__(address, _Handler)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+
+    def setup(self) -> None:
+        self.timeout = self.server.io_timeout  # socket timeout for every read and write
+        super().setup()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         observer = self.server.observer

@@ -154,6 +154,10 @@ class Policy:
     members: Mapping[str, Mapping[int, frozenset[str]]] = field(default_factory=dict)
     address_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
+    # Devices of Neutron's own `network:*` ports (DHCP, routers), which Neutron
+    # leaves out of the ports and lets through unfiltered (agent/sources/
+    # device_details.py). A device that is also a port's is filtered as a port.
+    trusted_devices: frozenset[str] = frozenset()
 
 
 # ---------------------------------------------------------------- primitives
@@ -305,8 +309,13 @@ def parse_rule(raw: Any, what: str) -> Rule:
     elif proto in protocols.PORT_PROTOCOLS:
         low, high = _range(low, high, what, "port_range")
         src_low, src_high = _range(src_low, src_high, what, "source_port_range")
-    else:
-        low = high = src_low = src_high = None  # Neutron ignores ports here.
+    elif (low, high, src_low, src_high) != (None, None, None, None):
+        # Neutron's API refuses these (SecurityGroupProtocolRequiredWithPorts,
+        # SecurityGroupInvalidProtocolForPortRange); dropping the ports instead
+        # would turn "port 22" into "every port of every protocol".
+        shown = "no protocol" if proto is None else f"protocol {_show(raw.get('protocol'))}"
+        raise Invalid(f"{what} has a port range but {shown}: ports need tcp, udp, udplite, "
+                      f"sctp or dccp (or an ICMP type on icmp)")
 
     # The far side: remote_ip_prefix, or its direction-specific alias. The port's
     # side: the other alias, as Neutron's provider rules carry it.

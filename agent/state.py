@@ -36,6 +36,8 @@ class NodeState:
     applies: int = 0
     drift_repairs: int = 0
     last_drift_at: float | None = None
+    enforcement_problems: tuple[str, ...] = ()   # the node cannot enforce (errors)
+    enforcement_warnings: tuple[str, ...] = ()   # others' rules that may bypass ours
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_apply(self, compiled: Compiled, report: ApplyReport) -> None:
@@ -51,6 +53,11 @@ class NodeState:
                 self.last_drift_at = self.last_apply_ok_at
             self.apply_error = None
 
+    def record_enforcement(self, problems: tuple[str, ...], warnings: tuple[str, ...]) -> None:
+        with self.lock:
+            self.enforcement_problems = problems
+            self.enforcement_warnings = warnings
+
     def record_failure(self, compiled: Compiled | None, error: str) -> None:
         with self.lock:
             if compiled is not None:
@@ -63,11 +70,13 @@ class NodeState:
         with self.lock:
             compiled = self.compiled
             errors = list(compiled.errors) if compiled else []
+            errors += self.enforcement_problems
             if self.apply_error:
                 errors.append(self.apply_error)
             if source_status.get("error"):
                 errors.append(str(source_status["error"]))
-            known = {p.device for p in self.policy.ports} if self.policy else set()
+            known = {p.device for p in self.policy.ports} | set(self.policy.trusted_devices) \
+                if self.policy else set()
             report = self.last_report
             return {
                 "mode": self.mode,
@@ -97,6 +106,7 @@ class NodeState:
                 "uptime": round(time.time() - self.started_at, 1),
                 "source": source_status,
                 "errors": errors,
+                "warnings": list(self.enforcement_warnings),
             }
 
     def ports(self) -> list[dict[str, Any]]:

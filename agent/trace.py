@@ -334,15 +334,16 @@ class _Walker:
             value, mask = _value_mask(args[1])
             self.mark = (self.mark & ~mask & 0xFFFFFFFF) ^ value
             return f"mark is now {self.mark:#x}"
-        if rule.target == "CT" and (args == ("--notrack",) or
-                                    len(args) == 2 and args[0] == "--zone"):
+        if rule.target == "CT" and (args == ("--notrack",) or len(args) == 2 and
+                                    args[0] in ("--zone", "--zone-orig", "--zone-reply")):
             if self.ct_attached:
                 return "no effect: an earlier CT rule already set this packet's conntrack"
             self.ct_attached = True
             if args == ("--notrack",):
                 self.ctstate = "UNTRACKED"
                 return "not tracked: conntrack state UNTRACKED"
-            return f"conntrack zone {args[1]}"
+            return f"conntrack zone {args[1]}" + ("" if args[0] == "--zone" else
+                                                  f" ({args[0][7:]} direction only)")
         if rule.target == "":
             return "no target: counts only"
         raise _Undecided(f"{table}/{chain} rule {rule.text!r}: target "

@@ -15,7 +15,10 @@ Sections, each run per backend and recorded even when another fails:
             figures, quoted (bench/peer.py);
 - fleet:    N real agents on one broker and controller converging after one
             rule change, and 1,000 simulated agents' pull storm against the
-            controller (bench/fleet.py).
+            controller (bench/fleet.py);
+- e2e:      what users see: the real agent, standalone and RPC, with the taps
+            present, from the operator's action to the first packet that shows
+            it, and cold start against the restore floor (bench/e2e.py).
 
 `--quick` is a small smoke run (minutes); `--report-only` re-judges and
 re-plots an existing latest.json without touching the kernel.
@@ -49,8 +52,8 @@ def _csv_ints(text: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run")
-    ap.add_argument("--sections", default="engine,agent,datapath,fleet",
-                    help="comma list of engine, agent, datapath, fleet")
+    ap.add_argument("--sections", default="engine,agent,datapath,e2e,fleet",
+                    help="comma list of engine, agent, datapath, e2e, fleet")
     ap.add_argument("--backends", default="",
                     help="comma list (default: iptables-legacy, iptables-nft, and iptc "
                          "when agent/dataplane/iptc_backend.py exists)")
@@ -70,6 +73,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--neutron", choices=("auto", "quote"), default="auto",
                     help="auto: run the peer live when a neutron venv is found")
     ap.add_argument("--neutron-sizes", type=_csv_ints, default=[10, 100, 1000])
+    ap.add_argument("--e2e-sizes", type=_csv_ints, default=[10, 100, 1000])
+    ap.add_argument("--e2e-modes", default="standalone,rpc")
+    ap.add_argument("--e2e-backends", default="iptables-nft",
+                    help="the e2e series' backends (--backends does not apply)")
+    ap.add_argument("--e2e-repeats", type=int, default=5)
+    ap.add_argument("--e2e-repeats-large", type=int, default=5,
+                    help="e2e repeats at 1,000 ports and more")
+    ap.add_argument("--e2e-cold", type=int, default=3, help="cold starts (at least 2)")
+    ap.add_argument("--e2e-trigger", choices=("auto", "write", "sighup"), default="auto",
+                    help="standalone: a bare write, write + SIGHUP, or auto (SIGHUP only "
+                         "when a bare write is not seen)")
     ap.add_argument("--fleet-sizes", type=_csv_ints, default=[10, 50, 100],
                     help="real agents in the fleet convergence runs")
     ap.add_argument("--fleet-storm-agents", type=int, default=1000)
@@ -86,6 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.agent_sizes, args.agent_samples = [10, 100], 3
         args.datapath_counts, args.datapath_repeats, args.datapath_seconds = [2, 10], 1, 2.0
         args.neutron_sizes = [10]
+        args.e2e_sizes, args.e2e_repeats, args.e2e_repeats_large = [10, 1000], 3, 2
+        args.e2e_cold = 2
         args.fleet_sizes, args.fleet_storm_rounds = [10], 1
     return args
 
@@ -245,6 +261,45 @@ def run_peer(run: Run) -> None:
     run.results["peer"] = data
 
 
+def run_e2e(run: Run, backends: list[str] | None) -> None:
+    from bench import e2e, workloads
+
+    out = run.results.setdefault("e2e", {})
+    modes = [m for m in run.args.e2e_modes.split(",") if m]
+    broker = None
+    if "rpc" in modes:
+        from tests.rpc.broker import Broker, skip_reason
+
+        reason = skip_reason()
+        if reason:
+            run.results.setdefault("e2e_skipped", {})["rpc"] = reason
+            modes.remove("rpc")
+        else:
+            broker = Broker()
+            if run.guarded("e2e broker", broker.setup) is not None:   # it failed
+                broker.teardown()
+                broker = None
+                modes.remove("rpc")
+    try:
+        for mode in modes:
+            for backend in [b for b in run.args.e2e_backends.split(",") if b]:
+                for size in run.args.e2e_sizes:
+                    repeats = run.args.e2e_repeats_large if size >= 1000 else run.args.e2e_repeats
+                    opts = e2e.Options(repeats=repeats, cold_repeats=run.args.e2e_cold,
+                                       floor_repeats=2 if run.args.quick else 3,
+                                       trigger=run.args.e2e_trigger)
+                    workload = workloads.load(size, run.work / "workloads")
+                    run.say(f"e2e {mode} {backend} {size} ports: {repeats} x each change")
+                    res = run.guarded(f"e2e {mode} {backend} {size}", lambda w=workload, m=mode,
+                                      b=backend, o=opts: e2e.bench_size(
+                                          m, b, w, o, broker and broker.url, run.say))
+                    out.setdefault(f"{mode} {backend}", {})[str(size)] = res
+                    run.checkpoint()
+    finally:
+        if broker is not None:
+            broker.teardown()
+
+
 def finish(results: dict[str, Any], out: Path, plots: bool) -> None:
     results["goals"] = report.verdicts(results)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     run.say(f"work dir {run.work}; load {run.results['load']['start']}")
     run_peer(run)
     for name, fn in (("engine", run_engine), ("agent", run_agent),
-                     ("datapath", run_datapath), ("fleet", run_fleet)):
+                     ("datapath", run_datapath), ("e2e", run_e2e), ("fleet", run_fleet)):
         if name in sections:
             run.results["load"][f"{name}_start"] = report.loadavg()
             fn(run, backends)

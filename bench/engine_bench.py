@@ -38,7 +38,7 @@ from agent.compiler.flows import flows_to_cut
 from agent.dataplane.backend import Backend
 from agent.dataplane.command import run
 from agent.dataplane.engine import ApplyReport, Engine
-from agent.dataplane.flowcut import cut_flows
+from agent.dataplane.flowcut import cut
 from agent.dataplane.ipsets import plan_ipsets
 from agent.dataplane.plan import TablePlan, plan_table
 from agent.dataplane.restore_backend import BINARIES, RestoreBackend
@@ -135,13 +135,18 @@ def make_engine(spec: BackendSpec, clock: IoClock) -> Engine:
 
 
 def clear_caches() -> None:
-    """Empty every module-level memo of the agent, as a fresh process has them."""
+    """Empty every module-level memo of the agent, as a fresh process has them.
+
+    Both kinds: `functools` caches (`cache_clear`) and the compiler's
+    single-slot `LastCall` memos, which would otherwise hand a "cold" repeat
+    the previous repeat's tables.
+    """
     for name, module in list(sys.modules.items()):
         if not (name == "agent" or name.startswith("agent.")) or module is None:
             continue
         for obj in list(vars(module).values()):
-            if callable(obj) and hasattr(obj, "cache_clear"):
-                obj.cache_clear()
+            if not isinstance(obj, type) and hasattr(obj, "cache_clear"):
+                obj.cache_clear()   # functools caches, LastCall and SizedLru memos
 
 
 def snapshot(policy: Policy, devices: Iterable[str]) -> Snapshot:
@@ -267,7 +272,7 @@ def run_steps(engine: Engine, clock: IoClock, policy: Policy, workload: dict[str
                                  conntrack_runs.get(step, 0) < conntrack_budget)
         if ran:  # the daemon's cleanup: one dump per family, deletes of matching entries
             conntrack_runs[step] = conntrack_runs.get(step, 0) + 1
-            failures = cut_flows(cuts)
+            failures = cut(cuts).errors
         t4 = time.perf_counter()
         if keep:
             timed = ran or not cuts

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import peer
+from bench import e2e_report, peer
 from bench.stats import median
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,6 +198,7 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
                                  _spread(step["total_s"]), note=f"{writes} lines/members written"))
     rows += _agent_rows(results.get("agent", {}))
     rows += _datapath_rows(results.get("datapath", {}))
+    rows += e2e_report.rows(results.get("e2e", {}))
     rows += _fleet_rows(results.get("fleet", {}))
     return rows
 

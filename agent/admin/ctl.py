@@ -2,13 +2,21 @@
 
 Rules of this room: a thin client. It sends one JSON request, prints the
 answer as a human table or, with `--json`, exactly what the socket returned.
-Exit codes: 0 success, 1 failure (one line on stderr), 2 bad usage.
+Exit codes: 0 success, 1 failure (one line on stderr), 2 bad usage. `status`
+is a failure when the agent is not in sync, so `agent-ctl status` alone is a
+health check for scripts; the table (or JSON) is printed either way.
+
+`--timeout S` has one meaning wherever it is given (before the command, as
+`agent-ctl --timeout S`, or after `resync`, as CONTRACT 6 writes it): the
+longest agent-ctl waits for the answer. `resync --wait` hands it to the agent
+as its deadline for the resync.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import socket
 import sys
 import time
@@ -16,10 +24,13 @@ from typing import Any
 
 from oslo_config import cfg
 
-from agent import config
+from agent import config, version_line
 from agent.admin import diff
 
 DEFAULT_SOCKET = "/run/hostfw/agent.sock"
+DEFAULT_TIMEOUT = 10.0       # seconds for an answer
+DEFAULT_RESYNC_WAIT = 60.0   # seconds for `resync --wait`: a full resync of a large node
+ANSWER_MARGIN = 5.0          # the agent's own "not done in time" answer must still arrive
 
 
 class CtlError(RuntimeError):
@@ -174,25 +185,64 @@ def trace_request(args: argparse.Namespace) -> dict[str, Any]:
     return request
 
 
+def seconds(text: str) -> float:
+    """`--timeout S`: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+JSON_HELP = "print the agent's answer as JSON, exactly as the socket returned it"
+TIMEOUT_HELP = (f"seconds to wait for the agent's answer (default {DEFAULT_TIMEOUT:g}; "
+                f"resync --wait {DEFAULT_RESYNC_WAIT:g}, which is also the agent's deadline "
+                f"for the resync)")
+COMMANDS = {  # the commands whose only option is --json: name -> help
+    "status": "mode, backend, ports, generation, last apply, errors; exit 1 when the "
+              "agent is not in sync with the kernel",
+    "ports": "local ports with device, state, addresses and groups",
+    "dump": "the whole compiled ruleset and ipsets",
+    "diff": "what a resync would change in the kernel, without changing it",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="agent-ctl", description="Drive a hostfw-agent.")
+    parser = argparse.ArgumentParser(
+        prog="agent-ctl", description="Drive a hostfw-agent through its admin socket.",
+        epilog="exit status: 0 success, 1 failure (reason on stderr), 2 bad usage")
+    parser.add_argument("--version", action="version", version=version_line("agent-ctl"),
+                        help="print agent-ctl's version and exit")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--socket", help="admin socket path")
-    where.add_argument("--config-file", help="read [admin] socket_path from this file")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds to wait for the agent (default 10, resync --wait 60)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("status", "ports", "dump", "diff"):
-        p = sub.add_parser(name)
-        p.add_argument("--json", action="store_true")
-    resync = sub.add_parser("resync")
-    resync.add_argument("--wait", action="store_true")
-    resync.add_argument("--timeout", type=float, default=None, dest="resync_timeout")
-    resync.add_argument("--json", action="store_true")
-    show = sub.add_parser("show")
+    where.add_argument("--socket", metavar="PATH",
+                       help=f"the agent's admin socket (default {DEFAULT_SOCKET})")
+    where.add_argument("--config-file", metavar="FILE",
+                       help="read the socket path from this agent config ([admin] "
+                            "socket_path)")
+    parser.add_argument("--timeout", type=seconds, metavar="S", help=TIMEOUT_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands")
+    for name, text in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--json", action="store_true", help=JSON_HELP)
+    text = "full resync: re-read the policy source and the kernel, recompile, repair drift"
+    resync = sub.add_parser("resync", help=text, description=text)
+    resync.add_argument("--wait", action="store_true",
+                        help="return when the resync is done; exit 0 only if the kernel "
+                             "then matches (default: only queue it)")
+    # The same option as the global one (same dest; SUPPRESS keeps an absent one
+    # from overwriting it): CONTRACT 6 writes `resync [--wait] [--timeout S]`.
+    resync.add_argument("--timeout", type=seconds, metavar="S", default=argparse.SUPPRESS,
+                        help=TIMEOUT_HELP)
+    resync.add_argument("--json", action="store_true", help=JSON_HELP)
+    text = "one port's chains and rules as applied"
+    show = sub.add_parser("show", help=text, description=text)
     show.add_argument("port", help="port id or device name")
-    show.add_argument("--json", action="store_true")
-    trace = sub.add_parser("trace", help="walk one packet through the compiled ruleset")
+    show.add_argument("--json", action="store_true", help=JSON_HELP)
+    text = "walk one packet through the compiled ruleset: the deciding rules and the verdict"
+    trace = sub.add_parser("trace", help=text, description=text)
     trace.add_argument("port", help="the local port (id or device) receiving (ingress) or "
                                     "sending (egress) the packet")
     trace.add_argument("--proto", required=True, help="tcp, udp, icmp, ... or a number")
@@ -205,22 +255,25 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--icmp-type", type=icmp_type, metavar="TYPE[/CODE]",
                        help="default: echo request")
     trace.add_argument("--ctstate", default="NEW",
-                       choices=("NEW", "ESTABLISHED", "RELATED", "INVALID", "UNTRACKED"))
+                       choices=("NEW", "ESTABLISHED", "RELATED", "INVALID", "UNTRACKED"),
+                       help="the packet's conntrack state (default NEW)")
     trace.add_argument("--peer", help="the other end: a port id or device of this node, or "
                                       "'node' (default: found by address, else outside)")
     trace.add_argument("--src-mac", help="the sender's MAC (default: its port's)")
-    trace.add_argument("--json", action="store_true")
+    trace.add_argument("--json", action="store_true", help=JSON_HELP)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     request: dict[str, Any] = {"command": args.command}
-    timeout = args.timeout or 10.0
-    if args.command == "resync":
-        wait_for = args.resync_timeout or 60.0
-        request.update(wait=args.wait, timeout=wait_for)
-        timeout = max(timeout, wait_for + 5)
+    timeout = args.timeout or DEFAULT_TIMEOUT
+    if args.command == "resync" and args.wait:
+        deadline = args.timeout or DEFAULT_RESYNC_WAIT
+        request.update(wait=True, timeout=deadline)
+        timeout = deadline + ANSWER_MARGIN
+    elif args.command == "resync":
+        request.update(wait=False)
     if args.command == "show":
         request["port"] = args.port
     if args.command == "trace":
@@ -245,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     if not reply.get("ok"):
         print(f"agent-ctl: {reply.get('error', 'the agent reported a failure')}",
               file=sys.stderr)
+        return 1
+    if args.command == "status" and not reply.get("in_sync"):
+        print("agent-ctl: the agent is not in sync with the kernel", file=sys.stderr)
         return 1
     return 0
 

@@ -14,6 +14,7 @@ from agent.compiler.filter import compile_filter, local_ports
 from agent.compiler.inputs import NatSettings, Settings, Snapshot
 from agent.compiler.nat import compile_nat
 from agent.compiler.raw import compile_raw
+from agent.compiler.rules import oversized_sets
 from agent.dataplane.ruleset import Ruleset, merge
 
 __all__ = ["Compiled", "NatSettings", "Settings", "Snapshot", "compile_ruleset"]
@@ -40,4 +41,5 @@ def compile_ruleset(snapshot: Snapshot) -> Compiled:
     # OUTPUT) must come before the filter compiler's on a first apply, and the
     # planner inserts several missing hooks in the order given here.
     return Compiled(merge(nat.ruleset, filt.ruleset, raw), filt.active_ports, filt.port_chains,
-                    snapshot.policy.errors + filt.errors + nat.errors, nat.floating_ips)
+                    snapshot.policy.errors + filt.errors + nat.errors +
+                    tuple(oversized_sets(snapshot, filt.ruleset.ipsets)), nat.floating_ips)

@@ -12,6 +12,16 @@ to whoever *jumped* into the root, whatever the depth.
 Subtrees are memoised on their entries: adding one port re-renders only the
 chains on the path to its leaf, which keeps a one-port apply cheap at 1,000
 ports.
+
+Fan-out against depth, measured on 1,000 ports of the peer workload (Neutron
+tap names, hex): a lookup evaluates 19 rules on average and 36 at most for
+any FANOUT from 4 to 32, because a split branches on every next character
+present (17 for hex and `-`), not on FANOUT; 64 keeps one flat level (31 on
+average, chains of 65 rules). A level cannot be narrower than the characters
+present, since physdev matches only a name or a prefix: mixed-case names
+branch up to 62 ways (40 rules on average). Such a node is cut into linked
+pieces (`_linked`): that bounds the chains' length, and so what one port's
+change rewrites, not the rules a packet walks.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from agent.compiler.names import Names
 from agent.dataplane.ruleset import render_rule
 
 FANOUT = 16  # a node with more entries than this splits by the next character
+LONGEST = 2 * FANOUT + 2  # a longer chain is cut into linked pieces of at most this
 
 Entry = tuple[str, str, str]   # (device, action, comment), sorted by device
 MATCHES = {
@@ -47,7 +58,10 @@ def build_tree(root: str, entries: tuple[Entry, ...], direction: str, unknown: s
 def _collect(chain: str, root: str, prefix: str, entries: tuple[Entry, ...], direction: str,
              unknown: str, names: Names, out: dict[str, tuple[str, ...]]) -> None:
     rules, children = _node(root, prefix, entries, direction, unknown, names)
-    out[chain] = rules
+    if len(rules) <= LONGEST:
+        out[chain] = rules
+    else:
+        out.update(_linked(chain, root, prefix, rules, names))
     for child, child_prefix, child_entries in children:
         _collect(child, root, child_prefix, child_entries, direction, unknown, names, out)
 
@@ -82,3 +96,25 @@ def _node(root: str, prefix: str, entries: tuple[Entry, ...], direction: str, un
             children.append((child, sub_prefix, tuple(sub)))
     rules.append(render_rule(unknown, comment="unknown device"))
     return tuple(rules), tuple(children)
+
+
+@lru_cache(maxsize=1 << 10)
+def _linked(chain: str, root: str, prefix: str, rules: tuple[str, ...],
+            names: Names) -> dict[str, tuple[str, ...]]:
+    """A node too wide for one chain (e.g. mixed-case names), cut into linked pieces.
+
+    Each piece but the last ends by going to the next, named after the node's
+    prefix plus `~<n>` (`~` never occurs in a device name), so no chain is
+    longer than LONGEST and a change rewrites one short piece; a packet walks
+    the same rules plus one jump per piece.
+    """
+    step = LONGEST - 1
+    pieces = [rules[i:i + step] for i in range(0, len(rules), step)]
+    piece_names = [chain] + [names.tree_chain(root, f"{prefix}~{n}")
+                             for n in range(1, len(pieces))]
+    out = {}
+    for n, piece in enumerate(pieces):
+        if n + 1 < len(pieces):
+            piece = (*piece, render_rule(f"-g {piece_names[n + 1]}", comment="more devices"))
+        out[piece_names[n]] = piece
+    return out

@@ -8,12 +8,14 @@ unchanged (a tap came or went) only removed devices are looked at, and the
 members a group lost are computed once per group, not once per port.
 
 Without this, an established connection outlives the rule that allowed it:
-RELATED,ESTABLISHED comes first in every port chain. The cuts follow
+RELATED,ESTABLISHED is accepted in the shared checks every profile runs
+first (right after the sender's spoof pairs), before any group. The cuts follow
 Neutron's triggers, at its (coarse) granularity where finer is not possible:
 - a port goes, or leaves a group, or loses an address: all its flows (of the
   lost address);
 - a rule of one of its groups goes: its flows of that protocol and direction;
-- a member of a remote group it references goes: its flows with that member.
+- a member of a remote group or a CIDR of an address group it references
+  goes: its flows with that member (an address or a whole network).
 The next packet of a cut flow is judged against the current rules; a flow
 that is still allowed is picked up again as new.
 """
@@ -30,7 +32,11 @@ from agent.model import Port, Rule
 
 @dataclass(frozen=True)
 class FlowCut:
-    """`conntrack -D -f <family> [-p proto] [-s src] [-d dst] [--reply-dst R] [-w zone]`."""
+    """`conntrack -D -f <family> [-p proto] [-s src] [-d dst] [--reply-dst R] [-w zone]`.
+
+    `src`, `dst` and `reply_dst` are an address (`10.0.0.5`) or a network
+    (`10.1.0.0/16`, every address in it).
+    """
 
     family: int
     proto: int | None = None
@@ -73,17 +79,17 @@ def flows_to_cut(old: Snapshot | None, new: Snapshot) -> list[FlowCut]:
         zone = _zone(old, port)
         after = new_ports.get(port.id)
         if after is None or after.device != port.device:
-            cuts |= _all_flows(port, _addresses(port), zone, f"port {port.id} removed")
+            cuts |= _all_flows(port, port_addresses(port), zone, f"port {port.id} removed")
             continue
-        lost = _addresses(port) - _addresses(after)
+        lost = port_addresses(port) - port_addresses(after)
         cuts |= _all_flows(port, lost, zone, f"port {port.id} lost addresses")
         if not port.port_security_enabled:
             if after.port_security_enabled:
-                cuts |= _all_flows(after, _addresses(after), zone,
+                cuts |= _all_flows(after, port_addresses(after), zone,
                                    f"port {port.id} got port security")
             continue
         if set(port.security_groups) - set(after.security_groups):
-            cuts |= _all_flows(port, _addresses(port), zone, f"port {port.id} left a group")
+            cuts |= _all_flows(port, port_addresses(port), zone, f"port {port.id} left a group")
             continue
         old_rules, new_rules = _rules(port, old), _rules(after, new)
         for rule in old_rules - new_rules:
@@ -100,7 +106,7 @@ def _zone(snap: Snapshot, port: Port) -> int | None:
     return snap.zones.get(snap.bridges.get(port.device, ""))
 
 
-def _addresses(port: Port) -> set[str]:
+def port_addresses(port: Port) -> set[str]:
     """Host addresses of the port (fixed IPs and host-sized address pairs)."""
     out = set(port.fixed_ips)
     for pair in port.allowed_address_pairs:
@@ -125,7 +131,7 @@ def _all_flows(port: Port, addresses: set[str], zone: int | None, why: str) -> s
 
 def _rule_flows(port: Port, rule: Rule, zone: int | None, why: str) -> set[FlowCut]:
     out = set()
-    for ip in _addresses(port):
+    for ip in port_addresses(port):
         if ipaddress.ip_address(ip).version != rule.family:
             continue
         if rule.direction == "ingress":
@@ -172,10 +178,12 @@ def _member_flows(port: Port, rule: Rule, lost: _LostMembers,
     why = f"a member of {group or rule.remote_address_group_id} was removed"
     for net in gone:
         member = ipaddress.ip_network(net)
-        if member.num_addresses != 1 or member.version != rule.family:
-            continue  # cuts match single addresses, not networks
-        remote = str(member.network_address)
-        for ip in _addresses(port):
+        if member.version != rule.family:
+            continue
+        # A host member is cut by its address; a network (an address group's
+        # CIDR, a member's address-pair range) by the network: every address in it.
+        remote = str(member.network_address) if member.num_addresses == 1 else str(member)
+        for ip in port_addresses(port):
             if ipaddress.ip_address(ip).version != rule.family:
                 continue
             src, dst = (remote, ip) if rule.direction == "ingress" else (ip, remote)

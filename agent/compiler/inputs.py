@@ -39,6 +39,10 @@ class Settings:
     enable_ipv6: bool = True
     accept_mark: int = 0x1000000   # the packet mark bit a group's allow sets
     conntrack_zones: bool = True   # one conntrack zone per bridge (raw table CT --zone)
+    # Members one remote group's or address group's ipset may hold; a bigger
+    # one is refused on its own (agent/compiler/rules.py), as Felix caps its
+    # sets (MaxIPSetSize, same default).
+    max_set_members: int = 1 << 20
     nat: NatSettings | None = None  # None: no NAT chains at all
 
     @property

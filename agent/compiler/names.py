@@ -75,7 +75,14 @@ class Names:
         return name.startswith(self.chain_prefix + "-")
 
     def owns_ipset(self, name: str) -> bool:
-        return name.startswith(self.ipset_prefix)
+        """Ours: the prefix, a family digit, then a suffix (CONTRACT section 8).
+
+        A bare prefix would claim other tools' sets (`hfw-allow`, `hfwd_ports`),
+        and the agent destroys the sets it owns but does not want.
+        """
+        head = len(self.ipset_prefix)
+        return len(name) > head + 1 and name.startswith(self.ipset_prefix) and \
+            name[head] in "46"
 
     @property
     def device_wildcard(self) -> str:

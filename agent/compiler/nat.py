@@ -34,7 +34,28 @@ Rules of this room:
    tree in `<p>-network-FORWARD`. The latter cannot live in `<p>-local`:
    that chain is reachable from OUTPUT, where the kernel refuses the
    anti-spoofing chains' `-m mac`.
-6. The services in `<p>-network-INPUT` accept only after the sender passed
+6. Conntrack zones (`[firewall] conntrack_zones`, on by default) put each
+   bridge's packets in its own zone in the raw table (agent/compiler/raw.py).
+   A routed flow has one end on the bridge and the other on the public side
+   or in the node itself, where no bridge rule applies, so `raw_zones` adds
+   what makes both directions meet the same entry (research/nova_network.md):
+   - packets *to a floating IP*, from anywhere and from the node itself,
+     get the zone of its VM's bridge, before the bridge rules: a client's
+     DNATed flow, the replies of a VM's floating SNAT, and a VM reaching
+     another VM's floating IP on its bridge;
+   - packets routed in *to a fixed IP* (DMZ, a remote metadata host) get the
+     zone of the port's bridge, after the bridge rules;
+   - with a host SNAT (`routing_source_ip`) the replies come back to the
+     node's own address, which no zone can be keyed on. So a VM without a
+     floating IP leaving the fixed range gets its bridge's zone for the
+     original direction only (`CT --zone-orig`): the entry's reply side is
+     in zone 0, where those replies arrive. Destinations that keep the
+     fixed source (the node's routing_source_ip and its fixed-range
+     address, metadata, the DMZ) keep the full zone.
+   One flow cannot work with zones: between floating IPs of VMs on two
+   different bridges, each direction is addressed to the other bridge's
+   floating IP, so the two directions get two zones.
+7. The services in `<p>-network-INPUT` accept only after the sender passed
    its own checks (`<p>-network-accept` jumps to `<p>-INPUT` first), so the
    result does not depend on where the planner put our INPUT hook relative
    to the filter compiler's (it inserts missing hooks at the top). Likewise
@@ -45,7 +66,7 @@ Rules of this room:
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent.compiler.inputs import NatSettings, Snapshot
@@ -77,21 +98,104 @@ def compile_nat(snapshot: Snapshot) -> NatResult:
     names = snapshot.settings.names
     local = sorted((p for p in snapshot.policy.ports if p.device in snapshot.devices),
                    key=lambda p: p.device)
-    floating, errors = _floating_targets(local)
+    targets, errors = _floating_fixed(local)
+    floating = {ip: fixed for ip, (fixed, _) in targets.items()}
     tables = {(4, "nat"): _nat_table(nat, names, floating),
               (4, "filter"): _filter_table(nat, names, local)}
     return NatResult(Ruleset(tables), floating, tuple(errors))
 
 
-def _floating_targets(ports: Sequence[Port]) -> tuple[dict[str, str], list[str]]:
-    """Map each floating IP of `ports` to its port's first IPv4 fixed IP.
+@dataclass(frozen=True)
+class NatZones:
+    """raw-table rules (IPv4) that keep routed NAT flows in one conntrack zone."""
+
+    prerouting_first: tuple[str, ...] = ()   # before the bridge rules
+    prerouting_last: tuple[str, ...] = ()    # after them: arrivals from elsewhere
+    output_first: tuple[str, ...] = ()
+
+
+def raw_zones(snapshot: Snapshot, local: Sequence[Port]) -> NatZones:
+    """See point 6 of the module doc; empty when NAT or zones are off."""
+    settings = snapshot.settings
+    nat = settings.nat
+    if nat is None or not settings.conntrack_zones:
+        return NatZones()
+
+    def zone_of(port: Port) -> tuple[str, int] | None:
+        bridge = snapshot.bridges.get(port.device, "")
+        zone = snapshot.zones.get(bridge)
+        return (bridge, zone) if bridge and zone is not None else None
+
+    fixed_range = ipaddress.IPv4Network(nat.fixed_range, strict=False)
+    by_id = {p.id: p for p in local}
+    floating, _ = _floating_targets(local, by_id)
+    first, last, output = [], [], []
+    for ip, port in floating.items():
+        where = zone_of(port)
+        if where:
+            rule = render_rule(f"-j CT --zone {where[1]}", dst=f"{ip}/32",
+                               comment=f"floating IP {ip} in the zone of {where[0]}")
+            first.append(rule)
+            output.append(rule)
+    if nat.routing_source_ip:
+        first += _host_snat_zones(nat, str(fixed_range), local, zone_of,
+                                  {p.id for p in floating.values()})
+    for port in local:
+        where = zone_of(port)
+        if where:
+            last += [render_rule(f"-j CT --zone {where[1]}", dst=f"{ip}/32",
+                                 comment=f"routed to port {port.id}")
+                     for ip in port.ips(4) if ipaddress.IPv4Address(ip) in fixed_range]
+    return NatZones(tuple(first), tuple(dict.fromkeys(last)), tuple(output))
+
+
+def _host_snat_zones(nat: NatSettings, fixed_range: str, local: Sequence[Port],
+                     zone_of: Callable[[Port], tuple[str, int] | None],
+                     with_floating: set[str]) -> list[str]:
+    """Per bridge: the full zone where the source stays, then `--zone-orig`."""
+    rules = []
+    bridges: dict[tuple[str, int], list[Port]] = {}
+    for port in local:
+        where = zone_of(port)
+        if where:
+            bridges.setdefault(where, []).append(port)
+    for (bridge, zone), ports in sorted(bridges.items()):
+        full = f"-j CT --zone {zone}"
+        rules += [
+            render_rule(full, dst=f"{nat.routing_source_ip}/32", in_iface=bridge,
+                        comment=f"zone for bridge {bridge} to the node"),
+            render_rule(full, dst=METADATA_IP, in_iface=bridge,
+                        comment=f"zone for bridge {bridge} to metadata"),
+            render_rule(full, dst=fixed_range, in_iface=bridge,
+                        comment=f"zone for bridge {bridge} in the fixed range"),
+        ]
+        rules += [render_rule(full, dst=_dst(_net(cidr)), in_iface=bridge,
+                              comment=f"zone for bridge {bridge} to the DMZ")
+                  for cidr in dict.fromkeys(nat.dmz_cidr)]
+        rules += [render_rule(full, src=f"{ip}/32", in_iface=bridge,
+                              comment=f"port {port.id} leaves by its floating IP")
+                  for port in ports if port.id in with_floating for ip in port.ips(4)[:1]]
+        rules.append(render_rule(f"-j CT --zone-orig {zone}", src=fixed_range,
+                                 in_iface=bridge,
+                                 comment=f"host SNAT from bridge {bridge} replies in zone 0"))
+    return rules
+
+
+def _floating_targets(ports: Sequence[Port],
+                      by_id: Mapping[str, Port]) -> tuple[dict[str, Port], list[str]]:
+    """Each floating IP of `ports` and the port it maps to (see `_floating_fixed`)."""
+    targets, errors = _floating_fixed(ports)
+    return {ip: by_id[owner] for ip, (_, owner) in targets.items()}, errors
+
+
+def _floating_fixed(ports: Sequence[Port]) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """Map each floating IP of `ports` to its port's first IPv4 fixed IP and id.
 
     A floating IP is one address on one node: the first port (in the given
     order) that claims it keeps it, and every other claim is an error, so a
     duplicate can never produce two competing DNAT rules.
     """
-    targets: dict[str, str] = {}
-    owners: dict[str, str] = {}
+    targets: dict[str, tuple[str, str]] = {}   # floating -> (fixed, port id)
     errors: list[str] = []
     for port in ports:
         fixed = port.ips(4)
@@ -103,11 +207,10 @@ def _floating_targets(ports: Sequence[Port]) -> tuple[dict[str, str], list[str]]
                 errors.append(f"port {port.id!r}: floating IP {ip} is not IPv4 "
                               f"(NAT is IPv4 only); ignored")
             elif ip not in targets:
-                targets[ip] = fixed[0]
-                owners[ip] = port.id
-            elif owners[ip] != port.id:
+                targets[ip] = (fixed[0], port.id)
+            elif targets[ip][1] != port.id:
                 errors.append(f"port {port.id!r}: floating IP {ip} already belongs to port "
-                              f"{owners[ip]!r}; ignored")
+                              f"{targets[ip][1]!r}; ignored")
     return targets, errors
 
 

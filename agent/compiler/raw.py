@@ -2,9 +2,18 @@
 
 Rules of this room: pure. CT is not a terminating target and only the first
 CT rule a packet meets takes effect, so NOTRACK rules of stateless ports come
-first, then the zone rules. Packets *from* a stateless port are matched by
-`--physdev-in`; packets *to* it by destination address, since the bridge has
-not chosen the output port yet when the raw table runs.
+first, then the zone rules. With NAT on, agent/compiler/nat.py adds the zone
+rules of routed flows (`raw_zones`) around the bridge rules.
+
+NOTRACK is scoped to the port, never the node: packets *from* a stateless
+port are matched by `--physdev-in`; packets *to* it by its bridge (`-i`, or
+`-o` for the node's own packets) plus one of its host addresses, since the
+bridge has not chosen the output port yet when the raw table runs. An
+allowed address pair wider than one host (0.0.0.0/0 in the worst case) gets
+no destination rule: on a shared bridge it would untrack the traffic of
+every other port in that range, and of the node. Traffic to such a range is
+tracked one way only (the port's replies are untracked), which admits
+nothing extra: ESTABLISHED needs a reply conntrack has seen.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import ipaddress
 
 from agent.compiler.inputs import Snapshot
 from agent.compiler.memo import LastCall
+from agent.compiler.nat import raw_zones
 from agent.dataplane.ruleset import Table, TableBuilder, render_rule
 from agent.model import Port
 
@@ -57,9 +67,18 @@ def _build_raw(snap: Snapshot, local: list[Port]) -> dict[tuple[int, str], Table
             note = f"port {port.id} is stateless"
             b.chain(pre).append(render_rule("-j CT --notrack", comment=note,
                                             matches=[f"-m physdev --physdev-in {port.device}"]))
-            for ip in _addresses(port, family):
-                b.chain(pre).append(render_rule("-j CT --notrack", dst=ip, comment=note))
-                b.chain(out).append(render_rule("-j CT --notrack", dst=ip, comment=note))
+            bridge = snap.bridges.get(port.device)
+            if not bridge:
+                continue  # not on a bridge (yet): no scope for its addresses
+            for ip in _host_addresses(port, family):
+                b.chain(pre).append(render_rule("-j CT --notrack", dst=ip, in_iface=bridge,
+                                                comment=note))
+                b.chain(out).append(render_rule("-j CT --notrack", dst=ip, out_iface=bridge,
+                                                comment=note))
+        nat = raw_zones(snap, local) if family == 4 else None
+        if nat:
+            b.chain(pre).extend(nat.prerouting_first)
+            b.chain(out).extend(nat.output_first)
         if settings.conntrack_zones:
             for bridge in bridges:
                 zone = snap.zones.get(bridge)
@@ -70,15 +89,20 @@ def _build_raw(snap: Snapshot, local: list[Port]) -> dict[tuple[int, str], Table
                                                 comment=note))
                 b.chain(out).append(render_rule(f"-j CT --zone {zone}", out_iface=bridge,
                                                 comment=note))
+        if nat:
+            b.chain(pre).extend(nat.prerouting_last)
         tables[(family, "raw")] = b.build()
     return tables
 
 
-def _addresses(port: Port, family: int) -> list[str]:
-    nets = [str(ipaddress.ip_network(ip)) for ip in port.ips(family)]
-    nets += [p.ip_address for p in port.allowed_address_pairs
-             if ipaddress.ip_network(p.ip_address).version == family]
-    return list(dict.fromkeys(nets))
+def _host_addresses(port: Port, family: int) -> list[str]:
+    """The port's fixed IPs and single-host allowed address pairs, as iptables-save
+    prints them (`/32`, `/128`); wider pairs are left out (see the module doc)."""
+    host = 32 if family == 4 else 128
+    nets = [ipaddress.ip_network(ip) for ip in port.ips(family)]
+    nets += [ipaddress.ip_network(p.ip_address) for p in port.allowed_address_pairs]
+    return list(dict.fromkeys(str(n) for n in nets
+                              if n.version == family and n.prefixlen == host))
 
 
 _last_raw: LastCall[dict[tuple[int, str], Table]] = LastCall(_build_raw)

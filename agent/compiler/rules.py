@@ -11,11 +11,12 @@ rendering stays a memoisable function of frozen values.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
 from agent import protocols
 from agent.compiler.inputs import Snapshot
+from agent.compiler.memo import SizedLru
 from agent.compiler.names import Names
 from agent.dataplane.ruleset import IpSet, render_rule
 from agent.model import Rule
@@ -79,33 +80,87 @@ def remote_set_name(rule: Rule, names: Names) -> str | None:
 
 
 def remote_sets(rules: Iterable[Rule], snap: Snapshot) -> dict[str, IpSet]:
-    """The ipsets (with members) that `rules` reference."""
+    """The ipsets (with members) that `rules` reference.
+
+    A set over `Settings.max_set_members` is left empty, so the rules naming
+    it match nothing (fail closed) while every other set and rule still
+    lands; `oversized_sets` gives the reasons.
+    """
     names = snap.settings.names
+    limit = snap.settings.max_set_members
     out: dict[str, IpSet] = {}
     for rule in rules:
         name = remote_set_name(rule, names)
         if name is None or name in out:
             continue
         if rule.remote_group_id:
-            group = snap.policy.members.get(rule.remote_group_id, {}).get(rule.family)
-            members = _group_members(frozenset(group or ()))
+            members = _group_members(frozenset(_group_nets(snap, rule.remote_group_id,
+                                                           rule.family)))
         else:
-            members = frozenset(set_members(n for n in snap.policy.address_groups.get(
-                rule.remote_address_group_id or "", ()) if (":" in n) == (rule.family == 6)))
-        out[name] = _ipset(name, rule.family, members)
+            members = frozenset(set_members(_address_group_nets(
+                snap, rule.remote_address_group_id or "", rule.family)))
+        out[name] = _ipset(name, rule.family, members if len(members) <= limit else frozenset())
     return out
 
 
-@lru_cache(maxsize=1 << 12)
-def _ipset(name: str, family: int, members: frozenset[str]) -> IpSet:
-    """The same IpSet object while a set is unchanged, so the engine can skip it."""
+def oversized_sets(snap: Snapshot, ipsets: Mapping[str, IpSet]) -> list[str]:
+    """Why each referenced set in `ipsets` was left empty by `remote_sets`.
+
+    Only groups with more nets than the limit are looked at closely, so this
+    costs one length check per group and family.
+    """
+    names = snap.settings.names
+    limit = snap.settings.max_set_members
+    errors = []
+    for gid, families in snap.policy.members.items():
+        for family, nets in families.items():
+            if len(nets) >= limit and names.ipset(family, "g", gid) in ipsets:
+                count = len(_group_members(frozenset(nets)))
+                if count > limit:
+                    errors.append(f"security group {gid!r}: {count} IPv{family} members, over "
+                                  f"the limit of {limit}; rules with it as remote group match "
+                                  f"nothing")
+    for agid, all_nets in snap.policy.address_groups.items():
+        for family in (4, 6):
+            if len(all_nets) >= limit and names.ipset(family, "a", agid) in ipsets:
+                count = len(set_members(_address_group_nets(snap, agid, family)))
+                if count > limit:
+                    errors.append(f"address group {agid!r}: {count} IPv{family} networks, over "
+                                  f"the limit of {limit}; rules with it as remote address "
+                                  f"group match nothing")
+    return errors
+
+
+def _group_nets(snap: Snapshot, group_id: str, family: int) -> frozenset[str]:
+    return snap.policy.members.get(group_id, {}).get(family) or frozenset()
+
+
+def _address_group_nets(snap: Snapshot, group_id: str, family: int) -> list[str]:
+    return [n for n in snap.policy.address_groups.get(group_id, ())
+            if (":" in n) == (family == 6)]
+
+
+# Members held by each of the two memos below: the sets in use keep their
+# identity while they add up to fewer; a churning group costs no more.
+MEMBER_BUDGET = 1 << 19
+
+
+def _build_ipset(name: str, family: int, members: frozenset[str]) -> IpSet:
     return IpSet(name, family, members)
 
 
-@lru_cache(maxsize=1 << 12)
-def _group_members(nets: frozenset[str]) -> frozenset[str]:
-    """set_members of a group's member set; unchanged groups cost a hash lookup."""
+# The same IpSet object while a set is unchanged, so the engine can skip it.
+_ipset: SizedLru[IpSet] = SizedLru(
+    _build_ipset, lambda name, family, members, result: len(members) + 1, MEMBER_BUDGET)
+
+
+def _build_group_members(nets: frozenset[str]) -> frozenset[str]:
     return frozenset(set_members(nets))
+
+
+# set_members of a group's member set; an unchanged group costs a hash lookup.
+_group_members: SizedLru[frozenset[str]] = SizedLru(
+    _build_group_members, lambda nets, result: len(nets) + len(result) + 1, MEMBER_BUDGET)
 
 
 def set_members(nets: Iterable[str]) -> set[str]:

@@ -1,11 +1,14 @@
 """Anti-spoofing: which (source address, MAC) pairs a port may send from.
 
-Rules of this room: pure; one function per family builds the `s` chain.
-Neutron's order (allowed address pairs first, then the port's own addresses)
-and its IPv6 link-local rule are kept. Two deliberate differences close
-Neutron's gaps: every port gets both families' spoof chains (an IPv4-only
-port may send IPv6 only from its EUI-64 link-local address), and a family
-without pairs ends in DROP rather than letting anything through.
+Rules of this room: pure; one function per family builds the pair rules at
+the head of the port's `o` chain. A pair goes on to the port's profile; a
+packet no pair matches goes to the shared `<p>-bad-source<f>` chain
+(agent/compiler/common.py), which drops it. Neutron's order (allowed address
+pairs first, then the port's own addresses) and its IPv6 link-local rule are
+kept. Two deliberate differences close Neutron's gaps: every port is checked
+in both families (an IPv4-only port may send IPv6 only from its EUI-64
+link-local address), and a family without pairs drops everything but the
+pre-address allowances rather than letting anything through.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from agent.model import Port
 ANY_NET = {4: "0.0.0.0/0", 6: "::/0"}
 
 
-def spoof_rules(port: Port, family: int) -> list[str]:
-    """RETURN for allowed (source, MAC) pairs, then DROP."""
+def spoof_rules(port: Port, family: int, allowed: str) -> list[str]:
+    """One rule per allowed (source, MAC) pair, ending in `allowed` (e.g. `-g <profile>`)."""
     pairs: list[tuple[str, str]] = []
     for pair in port.allowed_address_pairs:  # canonical networks from the model
         if (":" in pair.ip_address) == (family == 6):
@@ -31,13 +34,12 @@ def spoof_rules(port: Port, family: int) -> list[str]:
         pairs += [(f"{eui64_link_local(m)}/128", m) for m in dict.fromkeys(macs)]
     rules = []
     if not port.fixed_ips and not port.allowed_address_pairs:
-        rules.append(render_rule("-j RETURN", matches=[f"-m mac --mac-source {port.mac_address}"],
+        rules.append(render_rule(allowed, matches=[f"-m mac --mac-source {port.mac_address}"],
                                  comment="port without IPs any address from its MAC"))
     for net, mac in dict.fromkeys(pairs):
-        rules.append(render_rule("-j RETURN", src=None if net == ANY_NET[family] else net,
+        rules.append(render_rule(allowed, src=None if net == ANY_NET[family] else net,
                                  matches=[f"-m mac --mac-source {mac}"],
                                  comment="allowed IP and MAC pair"))
-    rules.append(render_rule("-j DROP", comment="spoofed source"))
     return rules
 
 

@@ -19,6 +19,13 @@ Rules of this room:
    consistent even while the file is being reloaded. The snapshot carries
    the reply parts of its version (answers.py), so a call only assembles
    them: O(devices + their groups).
+4. `get_devices_details_list` answers as ML2 does for the fields the agent
+   reads (device_owner, port_id): one entry per known device, `{"device":
+   name}` for one it does not know. The agent asks it about devices the
+   security group reply left out, to find Neutron's trusted ports.
+5. `AgentReports` takes the agents' `report_state` heartbeats
+   (q-reports-plugin), so an agent configured for Neutron runs against the
+   controller without errors; it only remembers which agents it heard.
 """
 
 from __future__ import annotations
@@ -107,6 +114,26 @@ def build_reply(snap: Snapshot, devices: Iterable[str]) -> dict[str, Any]:
     }
 
 
+def device_details(snap: Snapshot, devices: Iterable[str]) -> list[dict[str, Any]]:
+    """ML2's get_devices_details_list reply, for the fields a firewall agent reads."""
+    out: list[dict[str, Any]] = []
+    for device in devices:
+        port = snap.port_for(device)
+        if port is None:
+            out.append({"device": device})
+            continue
+        wire, _ = snap.answers.port(port, device)
+        out.append({
+            "device": device, "port_id": port.id, "network_id": port.network_id,
+            "mac_address": port.mac_address, "admin_state_up": True,
+            "device_owner": port.device_owner,
+            "fixed_ips": [{"ip_address": ip} for ip in wire["fixed_ips"]],
+            "allowed_address_pairs": wire["allowed_address_pairs"],
+            "port_security_enabled": port.port_security_enabled,
+        })
+    return out
+
+
 class SecurityGroupInfo:
     """The q-plugin endpoint; `current` returns the snapshot in force."""
 
@@ -130,3 +157,44 @@ class SecurityGroupInfo:
             except Invalid as exc:
                 LOG.warning("security_group_info_for_devices: %s; left out", exc)
         return build_reply(self._current(), names)
+
+    @messaging.expected_exceptions(ValueError)
+    def get_devices_details_list(self, context: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        """ML2's device details (rule 4); a malformed request is refused with ValueError."""
+        devices = kwargs.get("devices")
+        if not isinstance(devices, list) or len(devices) > MAX_DEVICES:
+            LOG.warning("refused get_devices_details_list: devices is not a list of at most "
+                        "%d names", MAX_DEVICES)
+            raise ValueError("devices must be a list of device names")
+        names = []
+        for device in devices:
+            try:
+                names.append(parse_device(device, "device"))
+            except Invalid as exc:
+                LOG.warning("get_devices_details_list: %s; left out", exc)
+        return device_details(self._current(), names)
+
+
+class AgentReports:
+    """The q-reports-plugin endpoint (rule 5): heartbeats are heard, not stored."""
+
+    target = messaging.Target(version=rpc_api.REPORT_STATE_VERSION)
+
+    def __init__(self) -> None:
+        self.heard: set[tuple[str, str]] = set()   # (agent_type, host)
+
+    @messaging.expected_exceptions(ValueError)
+    def report_state(self, context: Any, **kwargs: Any) -> str:
+        """"new" for an agent not heard before, then "alive", as Neutron answers."""
+        outer = kwargs.get("agent_state")
+        state = outer.get("agent_state") if isinstance(outer, dict) else None
+        if not isinstance(state, dict) or not all(
+                isinstance(state.get(k), str) for k in ("agent_type", "host")):
+            raise ValueError("agent_state must be {'agent_state': {agent_type, host, ...}}")
+        key = (state["agent_type"], state["host"])
+        LOG.debug("report_state from %s on %s", *key)
+        if key in self.heard:
+            return "alive"
+        self.heard.add(key)
+        LOG.info("first report_state from %s on %s", *key)
+        return "new"

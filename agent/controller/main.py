@@ -20,7 +20,6 @@ Rules of this room:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -30,9 +29,10 @@ import time
 
 import oslo_messaging as messaging
 from oslo_config import cfg
+from oslo_log import log as oslo_logging
 from oslo_messaging import opts as messaging_opts
 
-from agent import config
+from agent import config, version_line
 from agent.controller.diff import diff
 from agent.controller.endpoint import SecurityGroupInfo, Snapshot
 from agent.controller.notifier import AgentNotifier
@@ -119,7 +119,9 @@ def parse_args(argv: list[str] | None) -> cfg.ConfigOpts:
         conf.register_opt(RPC_WORKERS_OPT, group="controller")
     except cfg.DuplicateOptError:
         pass
+    config.set_log_defaults(conf)   # oslo.log, as the agent: stderr, --debug, log_file
     conf(argv, project="hostfw", prog="hostfw-controller",
+         version=version_line("hostfw-controller"),
          default_config_files=[f for f in ["/etc/hostfw/agent.conf"] if os.path.exists(f)])
     size_reply_pool(conf)
     return conf
@@ -146,19 +148,24 @@ def size_reply_pool(conf: cfg.ConfigOpts) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--debug", action="store_true")
-    known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.DEBUG if known.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] "
-                               "%(message)s")
+    args = sys.argv[1:] if argv is None else argv
     try:
-        conf = parse_args(rest)
+        conf = parse_args(args)
+    except cfg.Error as exc:
+        print(f"hostfw-controller: {exc}", file=sys.stderr)
+        return 2
+    problems = config.value_problems(conf)  # a bad value: a line on stderr, not a traceback
+    if problems:
+        for problem in problems:
+            print(f"hostfw-controller: {problem}", file=sys.stderr)
+        return 2
+    oslo_logging.setup(conf, "hostfw")
+    try:
         transport = rpc_api.make_transport(conf)
     except (cfg.Error, messaging.InvalidTransportURL, messaging.DriverLoadFailure) as exc:
         print(f"hostfw-controller: {exc}", file=sys.stderr)
         return 2
-    workers = (AnswerWorkers(conf.controller.rpc_workers, rest)
+    workers = (AnswerWorkers(conf.controller.rpc_workers, args)
                if conf.controller.rpc_workers else None)
     controller = Controller(conf, transport, workers)
     watcher = FileWatcher(controller.path, conf.controller.watch_interval, controller.reload)

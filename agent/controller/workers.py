@@ -148,14 +148,14 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
 def serve(argv: list[str]) -> int:
     """A worker: answer on q-plugin with each policy its controller sends."""
     import oslo_messaging as messaging
+    from oslo_log import log as oslo_logging
 
     from agent.controller import main as controller_main
     from agent.controller.endpoint import SecurityGroupInfo, Snapshot
     from agent.sources import rpc_api
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
-                        f"[worker {os.getpid()}] %(message)s")
     conf = controller_main.parse_args(argv)
+    oslo_logging.setup(conf, "hostfw")   # as the controller; stdout stays the ack pipe's
     transport = rpc_api.make_transport(conf)
     current = [Snapshot()]
     server = messaging.get_rpc_server(

@@ -13,6 +13,12 @@ Rules of this room:
    `refresh` re-reads the kernel first: that is how drift (a flushed chain, a
    deleted hook, a missing set member) is found, and the same diff repairs it.
 4. A failed write makes the view unknown, so the next apply re-reads.
+5. Reads stay off a change's critical path (work in proportion to the
+   change): an apply reports what it `touched`, and `check` reads back just
+   those chains and sets (`iptables -S <chain>`, `ipset save <set>`). A full
+   refresh is cut into small `refresh_steps` (one table, or the sets), so the
+   daemon can serve a queued change between two steps instead of waiting
+   for a whole re-read of a 60k-rule node.
 """
 
 from __future__ import annotations
@@ -27,7 +33,13 @@ from agent.compiler.names import Names
 from agent.dataplane.backend import Backend
 from agent.dataplane.command import KernelWriteError
 from agent.dataplane.heap import release_heap
-from agent.dataplane.ipsets import IpsetWriter, KernelSet, parse_ipset_save, plan_ipsets
+from agent.dataplane.ipsets import (
+    IpsetWriter,
+    KernelSet,
+    parse_ipset_save,
+    plan_ipsets,
+    written,
+)
 from agent.dataplane.plan import KernelTable, TablePlan, parse_save, plan_table
 from agent.dataplane.restore_backend import normalise_proto
 from agent.dataplane.ruleset import TABLE_ORDER, Ruleset
@@ -56,6 +68,10 @@ class ApplyReport:
     ipsets_destroyed: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    # What the writes named, for `Engine.check`: (family, table) -> chains
+    # (owned chains rewritten or deleted, built-ins whose hooks moved), and sets.
+    touched: dict[tuple[int, str], set[str]] = field(default_factory=dict)
+    sets_touched: set[str] = field(default_factory=set)
 
     @property
     def changed(self) -> bool:
@@ -75,6 +91,10 @@ class Engine:
         self.set_view: dict[str, KernelSet] | None = None  # believed owned ipsets
         self.last_desired: Ruleset | None = None      # the ruleset of the last good apply
         self.drift_repairs = 0
+        # Tables (and the sets, as None) re-read since the last apply: their view
+        # is the kernel's own, so they are compared in full, and a change found
+        # there is drift.
+        self._reread: set[tuple[int, str] | None] = set()
 
     def read(self) -> KernelView:
         """The kernel's tables, per family, as iptables-save shows them."""
@@ -82,6 +102,76 @@ class Engine:
 
     def read_sets(self) -> dict[str, KernelSet]:
         return parse_ipset_save(self.ipsets.save(), self.names.owns_ipset)
+
+    def adopt(self) -> KernelView:
+        """Read everything once (at start): the view, and what a restart adopts."""
+        self.view, self.set_view = self.read(), self.read_sets()
+        self._reread = {None, *((f, t) for f in self.view for t in self.view[f])}
+        return self.view
+
+    def refresh_steps(self, desired: Ruleset | None) -> list[tuple[int, str] | None]:
+        """A full re-read cut into steps: one per table that is ours or wanted, then
+        the sets (None). Each step is one `*-save -t <table>` or one `ipset save`."""
+        if self.view is None or self.set_view is None:
+            return [None]   # `refresh_step(None)` with no view reads everything
+        steps: list[tuple[int, str] | None] = []
+        for family in self.families:
+            have = self.view.get(family, {})
+            tables = {t for (f, t) in (desired.tables if desired else {}) if f == family}
+            tables |= {t for t, table in have.items()
+                       if any(self.names.owns_chain(c) for c in table.chains)}
+            steps += [(family, t) for t in sorted(tables, key=_table_rank)]
+        return [*steps, None]
+
+    def refresh_step(self, step: tuple[int, str] | None) -> None:
+        """Re-read one table (or, for None, the sets) into the view."""
+        if self.view is None or self.set_view is None:
+            self.adopt()
+            return
+        if step is None:
+            self.set_view = self.read_sets()
+        else:
+            family, table = step
+            tables = parse_save(self.backend.save(family, table), normalise_proto)
+            self.view.setdefault(family, {})[table] = tables.get(table, KernelTable(table))
+        self._reread.add(step)
+
+    def check(self, touched: Mapping[tuple[int, str], set[str]],
+              sets: set[str]) -> list[str]:
+        """Read back only the chains and sets a write touched; returns what differs.
+
+        Where the kernel differs from the view, the view takes the kernel's
+        content, so the next apply rewrites exactly that (and counts it as drift).
+        """
+        assert self.view is not None and self.set_view is not None
+        differs: list[str] = []
+        for (family, table), chains in sorted(touched.items()):
+            have = self.view.setdefault(family, {}).setdefault(table, KernelTable(table))
+            for chain in sorted(chains):
+                actual = self.backend.list_chain(family, table, chain)
+                rules = None if actual is None else parse_save(
+                    f"*{table}\n{actual}", normalise_proto).get(table, KernelTable(table)
+                                                                ).chains.get(chain, [])
+                if rules != have.chains.get(chain):
+                    differs.append(f"{table}/v{family} {chain}")
+                    if rules is None:
+                        have.chains.pop(chain, None)
+                    else:
+                        have.chains[chain] = rules
+                    self._reread.add((family, table))
+        if sets:
+            actual_sets = parse_ipset_save(self.ipsets.save(*sorted(sets)), self.names.owns_ipset)
+            for name in sorted(sets):
+                want, got = self.set_view.get(name), actual_sets.get(name)
+                if (want is None) != (got is None) or (
+                        want and got and (want.members != got.members or want.kind != got.kind)):
+                    differs.append(f"ipset {name}")
+                    if got is None:
+                        self.set_view.pop(name, None)
+                    else:
+                        self.set_view[name] = got
+                    self._reread.add(None)
+        return differs
 
     def plans(self, desired: Ruleset, kernel: KernelView, force: bool = False,
               settled: frozenset[tuple[int, str]] = frozenset()) -> list[TablePlan]:
@@ -113,8 +203,8 @@ class Engine:
         start = time.monotonic()
         report = ApplyReport()
         if refresh or force or self.view is None or self.set_view is None:
-            self.view, self.set_view = self.read(), self.read_sets()
-            report.refreshed = True
+            self.adopt()
+        report.refreshed = bool(self._reread)
         try:
             self._write(desired, report, force)
         except KernelWriteError:
@@ -127,6 +217,7 @@ class Engine:
                         report.tables_written, report.chains_written,
                         report.ipset_members_added, report.ipset_members_removed)
         self.last_desired = desired
+        self._reread = set()
         report.in_sync = self.in_sync(desired) if verify and report.changed else True
         if report.refreshed or report.changed:
             release_heap()  # a re-read or a write dropped large temporaries
@@ -140,9 +231,10 @@ class Engine:
         self.ipsets.restore(set_plan.before)
         report.ipset_members_added = set_plan.added
         report.ipset_members_removed = set_plan.removed
+        report.sets_touched = {line.split()[1] for line in set_plan.before}
         for name, want in desired.ipsets.items():
             if name not in settled_sets:
-                self.set_view[name] = KernelSet(name, want.family, want.kind, set(want.members))
+                self.set_view[name] = written(want, self.set_view.get(name))
 
         for plan in self.plans(desired, self.view, force, settled_tables):
             LOG.debug("commit %s v%d:\n%s", plan.table, plan.family, plan.script())
@@ -153,6 +245,9 @@ class Engine:
             report.chains_deleted += len(plan.deletes)
             report.hook_changes += len(plan.hook_inserts) + len(plan.hook_deletes)
             report.lines_written += len(plan.lines())
+            report.touched.setdefault((plan.family, plan.table), set()).update(
+                plan.rewrites, plan.deletes, (chain for chain, _ in plan.hook_inserts),
+                (chain for chain, _ in plan.hook_deletes))
 
         for line in set_plan.after:
             name = line.split()[1]
@@ -174,10 +269,13 @@ class Engine:
         find nothing.
         """
         last = self.last_desired
-        if last is None or report.refreshed or force:
+        if last is None or force:
             return frozenset(), frozenset()
-        return _same_objects(desired.tables, last.tables), _same_objects(desired.ipsets,
-                                                                         last.ipsets)
+        tables = frozenset(k for k in _same_objects(desired.tables, last.tables)
+                           if k not in self._reread)
+        sets = frozenset() if None in self._reread else _same_objects(desired.ipsets,
+                                                                       last.ipsets)
+        return tables, sets
 
     def in_sync(self, desired: Ruleset) -> bool:
         """True when a fresh read of the kernel needs no change at all."""

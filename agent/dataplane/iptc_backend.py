@@ -49,7 +49,7 @@ from iptc.xtables import XT_INV_PROTO, xt_align, xtables
 from agent import protocols
 from agent.dataplane.command import KernelWriteError, run
 from agent.dataplane.plan import TablePlan
-from agent.dataplane.restore_backend import BINARIES
+from agent.dataplane.restore_backend import BINARIES, list_chain
 from agent.dataplane.xtables_lock import xtables_lock
 
 # Serialises every use of python-iptables in this process (rule 1).
@@ -441,8 +441,12 @@ class IptcBackend:
         with _IPTC_LOCK:
             self._builders = {4: RuleBuilder(4), 6: RuleBuilder(6)}
 
-    def save(self, family: int) -> str:
-        return run([BINARIES[("iptables-legacy", family)] + "-save"])
+    def save(self, family: int, table: str | None = None) -> str:
+        return run([BINARIES[("iptables-legacy", family)] + "-save",
+                    *(["-t", table] if table else [])])
+
+    def list_chain(self, family: int, table: str, chain: str) -> str | None:
+        return list_chain(BINARIES[("iptables-legacy", family)], table, chain)
 
     def commit(self, plan: TablePlan) -> None:
         """One atomic transaction for one table: the whole plan or nothing."""

@@ -176,3 +176,26 @@ def plan_table(desired: Table | None, actual: KernelTable | None, family: int, t
     plan.flushes = [name for name in stale if have_owned[name]]
     plan.deletes = [name for name in stale if name not in referenced]
     return plan
+
+
+def rules_ahead_of_hooks(actual: KernelTable,
+                         owns: Callable[[str], bool]) -> dict[str, list[str]]:
+    """Foreign rules that come before our first hook, per built-in chain holding one.
+
+    A packet meets them before any security group: `-I FORWARD 1 -j ACCEPT`
+    by another tool lets every bridged packet through. The agent does not
+    fight other tools (it puts its hooks at the top only when it writes
+    them); it reports what it finds. Built-in chains without our hook are
+    left out: the plan puts the hook back, at the top.
+    """
+    out: dict[str, list[str]] = {}
+    for chain, rules in actual.chains.items():
+        if chain not in BUILTIN_CHAINS:
+            continue
+        for position, spec in enumerate(rules):
+            target = jump_target(spec)
+            if target is not None and owns(target):
+                if position:
+                    out[chain] = rules[:position]
+                break
+    return out

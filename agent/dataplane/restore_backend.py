@@ -51,13 +51,26 @@ class RestoreBackend:
             raise ValueError(f"unknown restore backend {mode!r}")
         self.mode = mode
 
-    def save(self, family: int) -> str:
-        return run([BINARIES[(self.mode, family)] + "-save"])
+    def save(self, family: int, table: str | None = None) -> str:
+        return run([BINARIES[(self.mode, family)] + "-save", *(["-t", table] if table else [])])
+
+    def list_chain(self, family: int, table: str, chain: str) -> str | None:
+        return list_chain(BINARIES[(self.mode, family)], table, chain)
 
     def commit(self, plan: TablePlan) -> None:
         """One atomic transaction for one table: the whole plan or nothing."""
         run([BINARIES[(self.mode, plan.family)] + "-restore", "--noflush", "--wait", "5"],
             plan.script())
+
+
+def list_chain(binary: str, table: str, chain: str) -> str | None:
+    """`<binary> -t table -S chain`; None when the chain is missing (exit status 1)."""
+    try:
+        return run([binary, "-w", "5", "-t", table, "-S", chain])
+    except KernelWriteError as exc:
+        if " exited 1:" in str(exc):
+            return None
+        raise
 
 
 def detect_mode() -> str:

@@ -9,6 +9,13 @@ libiptc commit replaces the whole table, so without this lock a concurrent
 file, shared by every network namespace on the host: hold it for the
 read-modify-commit only, never while building rules, and give up after a
 bounded wait rather than block the writer thread forever.
+
+Every acquisition that finds the lock held by someone else counts one wait
+(`waits()`, the `hostfw_xtables_lock_waits_total` metric), whether it then
+gets the lock or gives up: a climbing count means another writer on the host
+(kube-proxy, docker, an operator's iptables loop) is contending with ours. The
+count is per process, like the lock is per host: every namespace the agent
+manages shares both.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
+import threading
 import time
 from collections.abc import Iterator
 
@@ -24,6 +33,21 @@ from agent.dataplane.command import KernelWriteError
 
 DEFAULT_PATH = "/run/xtables.lock"
 POLL_INTERVAL = 0.01  # seconds between LOCK_NB attempts
+
+_waits = 0
+_waits_guard = threading.Lock()  # writers of several namespaces may wait at once
+
+
+def waits() -> int:
+    """Acquisitions in this process that found the lock busy and had to wait."""
+    with _waits_guard:
+        return _waits
+
+
+def _count_wait() -> None:
+    global _waits
+    with _waits_guard:
+        _waits += 1
 
 
 def lock_path() -> str:
@@ -46,13 +70,15 @@ def xtables_lock(timeout: float = 5.0, path: str | None = None) -> Iterator[None
         raise KernelWriteError(f"cannot open the xtables lock {path}: {exc}") from exc
     try:
         deadline = time.monotonic() + timeout
-        while True:
+        for attempt in itertools.count():
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except OSError as exc:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise KernelWriteError(f"cannot lock {path}: {exc}") from exc
+            if attempt == 0:
+                _count_wait()
             if time.monotonic() >= deadline:
                 raise KernelWriteError(f"the xtables lock {path} stayed busy for {timeout:g} s "
                                        f"(another iptables writer holds it)")

@@ -31,6 +31,10 @@ class PolicySource(abc.ABC):
     def resync(self) -> None:
         """Re-read everything soon and deliver it, even if nothing changed."""
 
+    def reload(self) -> None:
+        """SIGHUP: re-read the policy (not the kernel); by default a resync of the source."""
+        self.resync()
+
     def set_devices(self, devices: frozenset[str]) -> None:
         """The managed devices present on the node (a pulling source asks for these)."""
 

@@ -96,7 +96,9 @@ class DeviceWatcher(threading.Thread):
         for name, master in links.values():
             if name and name.startswith(self.prefix):
                 bridge = links.get(master, ("", 0))[0] if master else ""
-                out[name] = bridge if bridge and DEVICE_RE.match(bridge) else ""
+                # The bridge name reaches iptables text (`-i <bridge>`), where a
+                # trailing `+` is a wildcard: only a whole valid name passes.
+                out[name] = bridge if bridge and DEVICE_RE.fullmatch(bridge) else ""
         return out
 
 

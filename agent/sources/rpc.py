@@ -12,22 +12,26 @@ Rules of this room:
    namespace, where the broker is reachable. The daemon's threads only flip
    flags under `_cond`: `set_devices` and `status` never wait, `resync` waits
    a bounded time and not at all while the controller is known unreachable.
-2. Notifications only mark the source dirty, and only when they concern a
-   local port or a group that local ports use (during a pull every one
-   counts: the index it would be checked against is about to change). The
-   puller gathers them for `[rpc] batch_window`, then pulls once; it delivers
-   only a policy that differs from the last one (or one that `resync` asked
-   for). A flood of casts costs a few pulls and fewer applies.
-3. Every pull asks for all local devices, in chunks of `[rpc] chunk_size`.
-   Pulling only the dirty part would need the device -> group -> member
-   bookkeeping of Neutron's agent and its merge races (replies and
-   notifications crossing, LP#1887405); a pull of every local port is a few
-   small calls, the batch window bounds how often it happens, and its result
-   is complete and consistent with itself.
+2. A local cache (`agent.sources.rpc_cache.PolicyCache`) holds what the
+   controller said about our devices; a notification is resolved, when the
+   puller takes it, to the few devices whose pull covers it
+   (`devices_to_pull`), and only those are pulled; the reply is merged into
+   the cache. A new tap pulls that device alone; a vanished tap or a
+   `port_delete` pulls nothing. Everything is pulled only at start, after a
+   reconnect or broker trouble, and on `resync` (agent-ctl and the periodic
+   timer): those full pulls heal lost or reordered notifications. Devices a
+   pull's reply leaves out are asked about with `get_devices_details_list`:
+   Neutron's own `network:*` ports (DHCP, routers) are trusted and let
+   through, as Neutron's L2 agents do (agent/sources/device_details.py).
+3. Leading edge: the puller acts on the first notice at once (plus
+   `[rpc] batch_window`, 0 by default) and gathers what arrives while it
+   pulls into the next pull. It delivers only a policy that differs from
+   the last one (or one that `resync` asked for).
 4. Nothing is delivered half-way: only when every chunk got a well-formed
-   reply. A failed pull leaves the policy in force and is retried with
-   tenacity (exponential backoff with jitter, logged); a malformed reply is
-   logged and dropped, and waits for the next notification or resync.
+   reply. A failed pull leaves the cache and the policy in force as they
+   were and is retried with tenacity (exponential backoff with jitter,
+   logged), with its devices still pending; a malformed reply is logged and
+   dropped, and waits for the next notification or resync.
 5. Broker faults: fanout casts sent while our consumers are disconnected are
    lost, so every reconnect schedules a full pull. oslo.messaging reconnects
    inside its rabbit driver and has no callback for it; `DriverWatch` reads
@@ -43,7 +47,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import oslo_messaging as messaging
@@ -53,16 +57,14 @@ from oslo_config import cfg
 from agent.model import Invalid, Policy
 from agent.sources import rpc_api
 from agent.sources.base import Deliver, PolicySource
-from agent.sources.rpc_messages import (
-    MalformedReply,
-    Notice,
-    parse_notice,
-    policy_from_replies,
-    referenced_remotes,
-)
+from agent.sources.device_details import DeviceDetails, fetch_device_details
+from agent.sources.rpc_cache import PolicyCache, devices_to_pull, unexplained
+from agent.sources.rpc_messages import MalformedReply, Notice, parse_notice
 
 LOG = logging.getLogger(__name__)
 STOP_TIMEOUT = 3.0   # seconds `stop` gives the servers and the transport to close
+PULL_THREADS = 4     # chunk calls of a full pull in flight at once
+WARN_EVERY = 10.0    # seconds between two warnings about malformed notifications
 
 
 def describe(exc: Exception) -> str:
@@ -109,32 +111,6 @@ class DriverWatch(logging.Handler):
 
     def detach(self) -> None:
         logging.getLogger(self.LOGGER).removeHandler(self)
-
-
-@dataclass(frozen=True)
-class _Index:
-    """What the last delivered policy says is local: decides which notices matter."""
-
-    port_ids: frozenset[str] = frozenset()
-    groups: frozenset[str] = frozenset()
-    remotes: frozenset[str] = frozenset()
-
-    @classmethod
-    def of(cls, policy: Policy) -> _Index:
-        groups = frozenset(g for p in policy.ports for g in p.security_groups)
-        rules = [policy.groups.get(g, ()) for g in groups]
-        remotes = (referenced_remotes(rules, policy.ports)
-                   | referenced_remotes(rules, policy.ports, address_groups=True))
-        return cls(frozenset(p.id for p in policy.ports), groups, frozenset(remotes))
-
-    def concerns(self, notice: Notice, devices: frozenset[str]) -> bool:
-        if notice.method == rpc_api.RULE_UPDATED:
-            return bool(notice.groups & self.groups)
-        if notice.method == rpc_api.MEMBER_UPDATED:
-            return bool(notice.groups & self.remotes)
-        if notice.method == rpc_api.PORT_UPDATE:
-            return notice.port_id in self.port_ids or notice.device in devices
-        return notice.port_id in self.port_ids   # port_delete
 
 
 class _Notifications:
@@ -192,14 +168,19 @@ class RpcSource(PolicySource):
         self._stopping = False
         self._listening = False
         self._devices: frozenset[str] | None = None
-        self._dirty = False
+        self._cache = PolicyCache()
+        self._full = True                        # the next pull asks for every device
+        self._pending: set[str] = set()          # devices to pull
+        self._notices: list[Notice] = []         # to resolve against the cache, then pull
+        self._in_flight: frozenset[str] | None = None   # devices of the pull under way
+        self._delivered: Policy | None = None
         self._recovered = False
         self._resync_asked = 0
         self._resync_done = 0
-        self._policy: Policy | None = None
-        self._index = _Index()
+        self._warned_at = float("-inf")          # last malformed-notification warning
+        self._unwarned = 0                       # malformed ones since, not logged
         self._pull_started: float | None = None     # monotonic, while a pull runs
-        self._call_started: float | None = None     # monotonic, while one of its calls runs
+        self._calls: dict[object, float] = {}       # monotonic start of each call in flight
         self._last_ok_started: float | None = None  # monotonic start of the last good pull
         self._last_ok_at: float | None = None       # wall clock, for status
         self._failing = False
@@ -207,6 +188,11 @@ class RpcSource(PolicySource):
         self._trouble_at = float("-inf")
         self._trouble: str | None = None
         self._counts: Counter[str] = Counter()
+
+    @property
+    def transport(self) -> messaging.Transport:
+        """The transport, shared with the report_state heartbeat."""
+        return self._transport
 
     # ------------------------------------------------------------ PolicySource
 
@@ -217,16 +203,16 @@ class RpcSource(PolicySource):
         threading.Thread(target=self._pull_main, name="rpc-pull", daemon=True).start()
 
     def set_devices(self, devices: frozenset[str]) -> None:
-        """New devices need a pull; vanished ones only leave the policy (no RPC)."""
+        """A new device is pulled alone; a vanished one leaves the cache (no RPC)."""
         with self._cond:
             old, self._devices = self._devices, devices
-            if old is None or devices - old:
-                self._dirty = True
+            if old is not None and devices - old:
+                self._pending |= devices - old
                 self._cond.notify_all()
-            policy = self._policy
-            if policy is not None and any(p.device not in devices for p in policy.ports):
-                self._set_policy(replace(policy, ports=tuple(
-                    p for p in policy.ports if p.device in devices)))
+            elif old is None:
+                self._cond.notify_all()
+            self._pending &= devices
+            if old and self._cache.forget_devices(old - devices):
                 self._hand_over()
 
     def resync(self) -> None:
@@ -286,7 +272,7 @@ class RpcSource(PolicySource):
                 "notifications": self._counts["notifications"],
                 "notifications_used": self._counts["notifications_used"],
                 "notifications_dropped": self._counts["notifications_dropped"],
-                "ports": len(self._policy.ports) if self._policy else 0,
+                "ports": len(self._cache.ports),
                 "error": self._error(now),
             }
 
@@ -294,8 +280,8 @@ class RpcSource(PolicySource):
 
     def _stalled(self, now: float) -> bool:
         """A call stuck well past its timeout: the driver is waiting for the broker."""
-        return self._call_started is not None and \
-            now - self._call_started > self.opts.call_timeout + 1.0
+        return bool(self._calls) and \
+            now - min(self._calls.values()) > self.opts.call_timeout + 1.0
 
     def _is_connected(self, now: float) -> bool:
         return (self._listening and not self._failing and not self._stalled(now)
@@ -307,28 +293,26 @@ class RpcSource(PolicySource):
         if not self._listening:
             return f"cannot reach the broker: {self._trouble}" if broker_trouble else None
         if self._stalled(now):
-            assert self._call_started is not None
-            return f"a call has been waiting {now - self._call_started:.0f} s for the broker"
+            return f"a call has been waiting {now - min(self._calls.values()):.0f} s " \
+                   "for the broker"
         if broker_trouble:
             return f"broker connection failed: {self._trouble}"
         return self._pull_error
 
     def _wanted(self) -> bool:
         return (self._listening and self._devices is not None
-                and (self._dirty or self._resync_asked > self._resync_done))
+                and bool(self._full or self._pending or self._notices
+                         or self._resync_asked > self._resync_done))
 
-    def _set_policy(self, policy: Policy) -> None:
-        self._policy = policy
-        self._index = _Index.of(policy)
-
-    def _hand_over(self) -> None:
-        """Deliver the current policy; under _cond so deliveries keep their order.
-
-        The daemon's deliver only queues, so holding the lock here is cheap.
-        """
-        if self._deliver is not None and self._policy is not None:
-            self._counts["deliveries"] += 1
-            self._deliver(self._policy)
+    def _hand_over(self, always: bool = False) -> None:
+        """Deliver the cache's policy if it changed (or `always`); under _cond, so
+        deliveries keep their order. The daemon's deliver only queues."""
+        policy = self._cache.policy()
+        if self._deliver is None or (not always and policy == self._delivered):
+            return
+        self._delivered = policy
+        self._counts["deliveries"] += 1
+        self._deliver(policy)
 
     # ------------------------------------------------------------ notifications
 
@@ -336,19 +320,34 @@ class RpcSource(PolicySource):
         try:
             notice = parse_notice(method, kwargs)
         except Invalid as exc:
-            with self._cond:
-                self._counts["notifications_dropped"] += 1
-            LOG.warning("dropped a malformed notification: %s", exc)
+            self._dropped(exc)
             return
         with self._cond:
             self._counts["notifications"] += 1
-            if self._pull_started is None and self._policy is not None and \
-                    not self._index.concerns(notice, self._devices or frozenset()):
+            if notice.method == rpc_api.PORT_DELETE:
+                gone = [d for d, p in self._cache.ports.items() if p.id == notice.port_id]
+                if self._cache.forget_port(notice.port_id or ""):
+                    self._counts["notifications_used"] += 1
+                    self._hand_over()
+                if self._in_flight is not None:   # its reply may still carry the port
+                    self._pending |= set(gone) & self._in_flight
+                    self._cond.notify_all()
                 return
-            self._counts["notifications_used"] += 1
-            self._dirty = True
+            self._notices.append(notice)
             self._cond.notify_all()
-        LOG.debug("notification %s marks the policy dirty", notice)
+        LOG.debug("notification %s queued", notice)
+
+    def _dropped(self, exc: Exception) -> None:
+        """Count a malformed notification; warn at most every WARN_EVERY seconds."""
+        now = time.monotonic()
+        with self._cond:
+            self._counts["notifications_dropped"] += 1
+            if now - self._warned_at < WARN_EVERY:
+                self._unwarned += 1
+                return
+            self._warned_at, skipped, self._unwarned = now, self._unwarned, 0
+        LOG.warning("dropped a malformed notification: %s%s", exc,
+                    f" ({skipped} more dropped since the last warning)" if skipped else "")
 
     def _on_trouble(self, message: str) -> None:
         with self._cond:
@@ -356,14 +355,14 @@ class RpcSource(PolicySource):
                 return
             self._trouble_at = time.monotonic()
             self._trouble = message
-            self._dirty = True
+            self._full = True   # notifications may be lost while the broker is in trouble
             self._cond.notify_all()
 
     def _on_recovery(self) -> None:
         with self._cond:
             if self._stopping:
                 return
-            self._dirty = True
+            self._full = True
             self._recovered = True
             self._cond.notify_all()
         self._wake.set()
@@ -373,24 +372,38 @@ class RpcSource(PolicySource):
     # ------------------------------------------------------------ threads
 
     def _listen_main(self) -> None:
-        """Subscribe to the three fanout topics; blocks until the broker answers."""
+        """Subscribe to the three fanout topics at once; blocks until the broker answers.
+
+        Each server's start declares its queue and consumer (a few broker round
+        trips); run side by side they cost a start's time, not three.
+        """
         notices = (SecurityGroupNotifications(self._on_notice),
                    PortNotifications(self._on_notice))
-        for topic, endpoint in ((rpc_api.SG_TOPIC, notices[0]),
-                                (rpc_api.PORT_UPDATE_TOPIC, notices[1]),
-                                (rpc_api.PORT_DELETE_TOPIC, notices[1])):
-            server = messaging.get_rpc_server(
-                self._transport, messaging.Target(topic=topic, server=self.host, fanout=True),
-                [endpoint])
+        servers = [messaging.get_rpc_server(
+            self._transport, messaging.Target(topic=topic, server=self.host, fanout=True),
+            [endpoint]) for topic, endpoint in ((rpc_api.SG_TOPIC, notices[0]),
+                                                (rpc_api.PORT_UPDATE_TOPIC, notices[1]),
+                                                (rpc_api.PORT_DELETE_TOPIC, notices[1]))]
+
+        def start(server: messaging.MessageHandlingServer) -> None:
             with self._cond:
                 if self._stopping:
                     return
             server.start()
             with self._cond:
                 self._servers.append(server)
+
+        starters = [threading.Thread(target=start, args=(server,), name="rpc-listen",
+                                     daemon=True) for server in servers]
+        for thread in starters:
+            thread.start()
+        for thread in starters:
+            thread.join()
         with self._cond:
+            if self._stopping or len(self._servers) < len(servers):
+                return
             self._listening = True
-            self._dirty = True
+            self._full = True
             self._cond.notify_all()
         LOG.info("listening for notifications as %r; pulling from %s", self.host,
                  rpc_api.PLUGIN_TOPIC)
@@ -402,7 +415,7 @@ class RpcSource(PolicySource):
                     self._cond.wait()
                 if self._stopping:
                     return
-            if self._stopped.wait(self.opts.batch_window):
+            if self.opts.batch_window and self._stopped.wait(self.opts.batch_window):
                 return
             self._pull_with_retries()
 
@@ -438,62 +451,116 @@ class RpcSource(PolicySource):
         LOG.info("pull attempt %d failed; next attempt in %.1f s", retry_state.attempt_number,
                  retry_state.next_action.sleep)
 
+    def _take_work(self) -> tuple[list[str], bool, int] | None:
+        """Under _cond: (devices, full, resync number) of the next pull, or None when
+        the queued notices concern no local device."""
+        current = self._devices or frozenset()
+        asked = self._resync_asked
+        full = self._full or asked > self._resync_done
+        notices, self._notices = self._notices, []
+        if full:
+            devices = set(current)
+            self._full = False
+        else:
+            devices = set(self._pending)
+            for notice in notices:
+                wanted = devices_to_pull(notice, self._cache, current)
+                if wanted:
+                    self._counts["notifications_used"] += 1
+                devices.update(wanted)
+            devices &= current
+        self._pending = set()
+        if not devices and not full:
+            return None
+        return sorted(devices), full, asked
+
     def _pull_once(self) -> None:
         with self._cond:
-            devices = sorted(self._devices or ())
-            asked = self._resync_asked
-            self._dirty = False
+            work = self._take_work()
+            if work is None:
+                return
+            devices, full, asked = work
+            self._in_flight = frozenset(devices)
             started = self._pull_started = time.monotonic()
             self._counts["pulls"] += 1
+            self._counts["full_pulls" if full else "partial_pulls"] += 1
         try:
-            policy = self._fetch(devices)
+            replies = self._fetch(devices)
+            details = self._trusted(unexplained(replies))
+            with self._cond:
+                self._cache.merge(replies, full, details)
         except MalformedReply as exc:
             self._pull_failed(f"bad reply from the controller: {exc}", asked, retry=False)
             return
         except (messaging.MessagingException, messaging.MessageUndeliverable, OSError) as exc:
             reason = describe(exc)
-            self._pull_failed(reason, asked, retry=True)
+            self._pull_failed(reason, asked, retry=True, full=full, devices=devices)
             raise PullFailed(reason) from exc
         except Exception as exc:  # an unforeseen driver error: keep the puller alive
             LOG.exception("pull failed unexpectedly")
             reason = describe(exc)
-            self._pull_failed(reason, asked, retry=True)
+            self._pull_failed(reason, asked, retry=True, full=full, devices=devices)
             raise PullFailed(reason) from exc
         with self._cond:
-            current = self._devices or frozenset()
-            policy = replace(policy, ports=tuple(p for p in policy.ports if p.device in current))
-            changed = policy != self._policy
-            self._set_policy(policy)
+            self._cache.forget_devices(set(devices) - (self._devices or frozenset()))
             self._pull_started = None
+            self._in_flight = None
             self._last_ok_started = started
             self._last_ok_at = time.time()
             self._failing = False
             self._pull_error = None
+            before = self._delivered
+            self._hand_over(always=full and asked > self._resync_done)
+            changed = self._delivered is not before
             if changed:
-                for error in policy.errors:
+                for error in self._cache.policy().errors:
                     LOG.warning("controller data rejected: %s", error)
-            if changed or asked > self._resync_done:
-                self._hand_over()
-            self._resync_done = max(self._resync_done, asked)
+            if full:
+                self._resync_done = max(self._resync_done, asked)
             self._cond.notify_all()
-        LOG.info("pulled %d devices in %.3f s (%s)", len(devices), time.monotonic() - started,
-                  "changed" if changed else "unchanged")
+        LOG.info("pulled %d device%s (%s) in %.3f s (%s)", len(devices),
+                 "" if len(devices) == 1 else "s", "all" if full else "targeted",
+                 time.monotonic() - started, "changed" if changed else "unchanged")
 
-    def _pull_failed(self, reason: str, asked: int, retry: bool) -> None:
+    def _trusted(self, devices: list[str]) -> DeviceDetails | None:
+        """Ask which of `devices` are Neutron's own network:* ports (trusted).
+
+        A controller that cannot answer does not fail the pull: those devices
+        stay unknown (dropped, fail closed) until the next pull, and the
+        error shows in status.
+        """
+        if not devices:
+            return None
+        try:
+            return fetch_device_details(self._client, devices, self.opts.call_timeout,
+                                        self.host, self.opts.chunk_size)
+        except (messaging.MessagingException, messaging.MessageUndeliverable, OSError,
+                MalformedReply) as exc:
+            LOG.warning("get_devices_details_list failed: %s", describe(exc))
+            return DeviceDetails({}, (f"cannot tell whether {len(devices)} unknown "
+                                      f"device(s) are trusted network ports: "
+                                      f"{describe(exc)}",))
+
+    def _pull_failed(self, reason: str, asked: int, retry: bool, full: bool = False,
+                     devices: list[str] | None = None) -> None:
+        """Log and count; with `retry`, the same pull stays pending (backoff is tenacity's)."""
         LOG.warning("pull failed: %s", reason)
         with self._cond:
             self._pull_started = None
+            self._in_flight = None
             self._pull_error = f"pull failed: {reason}"
             self._counts["pull_failures"] += 1
             if retry:
                 self._failing = True
-                self._dirty = True
+                self._full = self._full or full
+                self._pending |= set(devices or ())
             else:
                 self._resync_done = max(self._resync_done, asked)
             self._cond.notify_all()
 
-    def _fetch(self, devices: list[str]) -> Policy:
-        """Call security_group_info_for_devices chunk by chunk (once even for none).
+    def _fetch(self, devices: list[str]) -> list[tuple[list[str], Any]]:
+        """Call security_group_info_for_devices chunk by chunk (once even for none),
+        up to PULL_THREADS chunks at a time; returns (chunk, reply) pairs in order.
 
         retry=0: fail fast and let the tenacity loop own the backoff, instead of
         the driver retrying inside one call. at_least_once (AMQP `mandatory`):
@@ -506,15 +573,20 @@ class RpcSource(PolicySource):
             transport_options=messaging.TransportOptions(at_least_once=True))
         size = self.opts.chunk_size
         chunks = [devices[i:i + size] for i in range(0, len(devices), size)] or [[]]
-        replies = []
-        try:
-            for chunk in chunks:
-                with self._cond:
-                    self._call_started = time.monotonic()
-                reply = client.call(rpc_api.admin_context(), rpc_api.SG_INFO_METHOD,
-                                    devices=chunk, call_version=rpc_api.SG_INFO_VERSION)
-                replies.append((chunk, reply))
-        finally:
+
+        def call(chunk: list[str]) -> tuple[list[str], Any]:
+            token = object()
             with self._cond:
-                self._call_started = None
-        return policy_from_replies(replies)
+                self._calls[token] = time.monotonic()
+            try:
+                return chunk, client.call(rpc_api.admin_context(), rpc_api.SG_INFO_METHOD,
+                                          devices=chunk, call_version=rpc_api.SG_INFO_VERSION)
+            finally:
+                with self._cond:
+                    del self._calls[token]
+
+        if len(chunks) == 1:
+            return [call(chunks[0])]
+        with ThreadPoolExecutor(min(PULL_THREADS, len(chunks)),
+                                thread_name_prefix="rpc-pull") as pool:
+            return list(pool.map(call, chunks))

@@ -32,6 +32,22 @@ SG_NOTIFY_VERSION = "1.1"     # SecurityGroupAgentRpcApiMixin.SG_RPC_VERSION
 PORT_NOTIFY_VERSION = "1.0"   # ML2 AgentNotifierApi sends port_update/port_delete at 1.0
 PORT_API_VERSION = "1.5"      # the ML2 agent notifier API an agent endpoint must accept
 
+# Agent -> server on q-plugin: ML2's device details (PluginApi). 1.3 is the first
+# version whose reply carries device_owner; the server answers any 1.x up to its own.
+DEVICE_DETAILS_METHOD = "get_devices_details_list"
+DEVICE_DETAILS_VERSION = "1.3"
+TRUSTED_OWNER_PREFIX = "network:"   # neutron-lib DEVICE_OWNER_NETWORK_PREFIX
+
+# Agent -> server heartbeats (topics.REPORTS; namespace RPC_NAMESPACE_STATE is
+# None). 1.1: report_state returns the agent's status (new, alive, revived).
+REPORTS_TOPIC = "q-reports-plugin"
+REPORT_STATE_METHOD = "report_state"
+REPORT_STATE_VERSION = "1.1"
+AGENT_TYPE = "hostfw agent"    # what `openstack network agent list` shows
+AGENT_BINARY = "hostfw-agent"
+AGENT_TOPIC = "N/A"            # as Neutron's L2 agents: no per-agent topic
+AGENT_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%f"   # neutron-lib ISO8601_TIME_FORMAT, UTC
+
 RULE_UPDATED = "security_groups_rule_updated"
 MEMBER_UPDATED = "security_groups_member_updated"
 PORT_UPDATE = "port_update"

@@ -24,13 +24,9 @@ from typing import Any
 
 from agent.model import (
     Invalid,
-    Policy,
     Port,
     Rule,
-    dedupe_ports,
-    parse_groups,
     parse_id,
-    parse_member_map,
     parse_port,
 )
 from agent.sources import rpc_api
@@ -88,43 +84,32 @@ def _mapping(reply: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value
 
 
-def policy_from_replies(replies: Iterable[tuple[Iterable[str], Any]]) -> Policy:
-    """Merge the replies of one pull, each with the devices it was asked for.
+def reply_section(reply: Any, key: str) -> Mapping[str, Any]:
+    """One section of a pull reply (`devices`, `security_groups`, `sg_member_ips`)."""
+    if not isinstance(reply, Mapping):
+        raise MalformedReply(f"reply {_show(reply)} is not a mapping")
+    return _mapping(reply, key)
 
-    Groups and members of later chunks overwrite earlier ones: a chunk's
-    reply is the newer view, and any change between chunks comes with a
-    notification that triggers another pull.
-    """
-    errors: list[str] = []
-    ports: list[Port] = []
-    raw_groups: dict[Any, Any] = {}
-    raw_members: dict[Any, Any] = {}
-    for asked, reply in replies:
-        if not isinstance(reply, Mapping):
-            raise MalformedReply(f"reply {_show(reply)} is not a mapping")
-        asked = frozenset(asked)
-        for key, raw in _mapping(reply, "devices").items():
-            try:
-                port = parse_port(raw, strict=False, what=f"reply device {key!r}")
-                if port.id != key:
-                    raise Invalid(f"port {port.id!r} is filed under another id {_show(key)}")
-                if port.device not in asked:
-                    raise Invalid(f"port {port.id!r} device {port.device!r} was not asked for")
-            except Invalid as exc:
-                errors.append(str(exc))
-                continue
-            ports.append(port)
-        raw_groups.update(_mapping(reply, "security_groups"))
-        raw_members.update(_mapping(reply, "sg_member_ips"))
-    groups = parse_groups(raw_groups, errors)
-    members = parse_member_map(raw_members, errors)
-    ports = dedupe_ports(ports, errors)
-    # Neutron sends an address group's CIDRs in sg_member_ips, under the group's id.
-    address_groups = {
-        ag: tuple(sorted({net for nets in members.get(ag, {}).values() for net in nets}))
-        for ag in referenced_remotes(groups.values(), ports, address_groups=True)}
-    return Policy(ports=tuple(ports), groups=groups, members=members,
-                  address_groups=address_groups, errors=tuple(errors))
+
+def parse_reply_ports(reply: Any, asked: frozenset[str]
+                      ) -> list[tuple[str, Port | None, str]]:
+    """(device, port, "") for each good port of a reply, (device, None, why) for each
+    bad one; a bad port's device is the one it names, else its key."""
+    out: list[tuple[str, Port | None, str]] = []
+    for key, raw in reply_section(reply, "devices").items():
+        named = raw.get("device") if isinstance(raw, Mapping) else None
+        device = named if isinstance(named, str) else f"port {_show(key)}"
+        try:
+            port = parse_port(raw, strict=False, what=f"reply device {key!r}")
+            if port.id != key:
+                raise Invalid(f"port {port.id!r} is filed under another id {_show(key)}")
+            if port.device not in asked:
+                raise Invalid(f"port {port.id!r} device {port.device!r} was not asked for")
+        except Invalid as exc:
+            out.append((device, None, str(exc)))
+            continue
+        out.append((port.device, port, ""))
+    return out
 
 
 def referenced_remotes(rule_sets: Iterable[Iterable[Rule]], ports: Iterable[Port],

@@ -247,17 +247,20 @@ def measure_change(sb: Sandbox, before: dict[str, Any], after: dict[str, Any],
                    attempts: int = 3) -> dict[str, Any]:
     """`last_apply` of exactly the apply that turned `before` into `after`.
 
-    Why retry: the agent re-reads the kernel on timers (1 s after a write,
-    then less often), and each such check is an apply that replaces
-    `last_apply`. If one slipped in between our apply and our status read
-    (seen as a generation jump), the measurement is redone.
+    The agent notices the rewritten file itself and applies the change once.
+    Why retry: a drift repair or the periodic resync is an apply too, and
+    replaces `last_apply`; if one slipped in (seen as a generation jump of
+    more than one), the measurement is redone.
     """
     for _ in range(attempts):
         sb.apply(before)
         generation = sb.status()["generation"]
-        reply = sb.apply(after)
+        sb.agent.write_policy(after)
+        sb.agent.wait_for(lambda: sb.status()["generation"] > generation,  # noqa: B023
+                          what="the apply of the change")
+        time.sleep(0.2)   # a second apply (there should be none) would show by now
         status = sb.status()
-        if reply.get("generation") == generation + 1 == status["generation"]:
+        if status["generation"] == generation + 1:
             return status["last_apply"]
     raise AssertionError(f"could not isolate one apply in {attempts} attempts: {status}")
 
@@ -331,9 +334,11 @@ def server_saw(server: Server, src: str, proto: str, port: int, *, sport: int | 
 
 
 def spoof_send(src_vm: VM, src_ip: str, dst_vm: VM, server: Server, port: int = 9999, *,
-               mac: str | None = None, dst_ip: str | None = None,
+               mac: str | None = None, dst_ip: str | None = None, sport: int = 0,
                timeout: float = FAIL) -> bool:
     """Whether a datagram from (`src_ip`, `mac`) sent by `src_vm` reaches `dst_vm`.
+
+    `sport` fixes the source port (0: any), e.g. to forge another flow's.
 
     Why not `send_spoofed`: the destination's neighbour entry is pinned
     first, so a blocked probe proves the firewall dropped *the datagram*;
@@ -357,8 +362,8 @@ def spoof_send(src_vm: VM, src_ip: str, dst_vm: VM, server: Server, port: int = 
         # After a MAC change the kernel flushes the neighbour table: pin it now.
         src_vm.run(["ip", "neigh", "replace", dst_ip, "lladdr", dst_vm.mac, "dev", "eth0",
                     "nud", "permanent"])
-        udp_send(src_vm, dst_ip, port, src=src_ip, dev="eth0")
-        return server_saw(server, src_ip, "udp", port, timeout=timeout)
+        udp_send(src_vm, dst_ip, port, src=src_ip, sport=sport, dev="eth0")
+        return server_saw(server, src_ip, "udp", port, sport=sport or None, timeout=timeout)
     finally:
         src_vm.run(["ip", "neigh", "del", dst_ip, "dev", "eth0"], check=False)
         if mac:

@@ -137,7 +137,8 @@ def test_rule_order_is_kept(sb: Sandbox) -> None:
     """Mirrors FirewallTestCase.test_rule_ordering_correct: eleven tcp egress
     rules land in the group chain in the policy's order, and stay in order,
     without gaps, after removing some, inserting one in the middle and
-    reversing them all; `agent-ctl show` lists a port's groups in its order.
+    reversing them all; `agent-ctl show` lists a port's groups in its order
+    (in its profile chain).
     """
     chain = "hostfw-ge4-sg-a"
     ports = list(range(3001, 3012))
@@ -148,11 +149,13 @@ def test_rule_order_is_kept(sb: Sandbox) -> None:
 
     groups = ["sg-c", "sg-a", "sg-b"]
     sb.apply(sb.policy({"sg-a": [egress(4, "tcp", 80)]}, ports={"a": {"security_groups": groups}}))
-    shown = json.loads(sb.agent.ctl("show", sb.a.tap, "--json").stdout)
-    out_chain = next(rules for name, rules in shown["chains"]["ipv4/filter"].items()
-                     if name == "hostfw-o" + sb.a.tap[3:])
-    jumps = [m.group(1) for r in out_chain if (m := re.search(r"-j hostfw-ge4-(\S+)", r))]
-    assert jumps == groups, out_chain
+    shown = json.loads(sb.agent.ctl("show", sb.a.tap, "--json").stdout)["chains"]["ipv4/filter"]
+    out_chain = shown["hostfw-o" + sb.a.tap[3:]]
+    profile = re.search(r"-g (hostfw-pe4-\S+)", out_chain[0])
+    assert profile, out_chain   # the port's egress profile, shown with its own chains
+    jumps = [m.group(1) for r in shown[profile.group(1)]
+             if (m := re.search(r"-j hostfw-ge4-(\S+)", r))]
+    assert jumps == groups, shown
 
 
 def test_unknown_device_is_dropped(sb: Sandbox) -> None:

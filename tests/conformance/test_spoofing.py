@@ -26,6 +26,7 @@ from tests.conformance.helpers import (
     FAMILIES,
     PASS,
     Sandbox,
+    conntrack_entries,
     ingress,
     link_local,
     spoof_send,
@@ -168,6 +169,32 @@ def test_allowed_address_pair_any_address(sb: Sandbox, family: int) -> None:
     assert not sent(sb, "c", X3[family], mac=M3)
     sb.agent.resync()
     assert sb.status()["last_apply"]["lines_written"] == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forging_another_vms_established_flow_is_dropped(sb: Sandbox, family: int) -> None:
+    """Known sessions are accepted early, but never before the sender's spoof check.
+
+    `c` has a UDP flow with `b` (b echoes, so conntrack sees both directions
+    and takes the next packet of it as ESTABLISHED). `d` then sends a
+    datagram with the flow's exact 5-tuple: c's address, c's source port,
+    b's address and port. b admits udp/9999 from c only, so nothing but d's
+    own spoof check stands between the forgery and b: were RELATED,ESTABLISHED
+    looked at first, the datagram would arrive.
+    """
+    c, b = sb.c, sb.b
+    c_ip, b_ip = c.ip_for(family), b.ip_for(family)
+    host = "/32" if family == 4 else "/128"
+    sb.apply(sb.policy({"sg-b": [*EGRESS_ALL, ingress(family, "udp", 9999,
+                                                      remote_ip_prefix=c_ip + host)]}))
+    sport = 40999
+    assert spoof_send(c, c_ip, b, sb.servers["b"], sport=sport, timeout=PASS)
+    flows = [e for e in conntrack_entries(sb, family, "udp", b_ip, 9999)
+             if f"sport={sport} " in e]
+    assert flows and "UNREPLIED" not in flows[0], flows  # b's echo came back: established
+    assert not spoof_send(sb.d, c_ip, b, sb.servers["b"], sport=sport, timeout=SPOOF_FAIL)
+    # The flow itself is untouched: c's next datagram still gets through.
+    assert spoof_send(c, c_ip, b, sb.servers["b"], sport=sport, timeout=PASS)
 
 
 NO_PORT_SECURITY = {"port_security_enabled": False, "security_groups": []}

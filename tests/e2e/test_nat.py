@@ -47,12 +47,17 @@ FAIL = 0.5                     # seconds a probe that must fail may take
 FLOAT_A = "198.51.100.10"      # the floating IP of VM a
 NODE_PUBLIC, OUTSIDE = "203.0.113.1", "203.0.113.2"
 METADATA_PORT = 8775
-NAT_CONF = (f"[nat]\nfixed_range = 10.0.0.0/24\nrouting_source_ip = {NODE_PUBLIC}\n"
+ZONES = [pytest.param(True, id="zones-on"), pytest.param(False, id="zones-off")]
+
+
+def nat_conf(zones: bool) -> str:
+    """The node's [nat], with per-bridge conntrack zones (the default) or without."""
+    return (f"[nat]\nfixed_range = 10.0.0.0/24\nrouting_source_ip = {NODE_PUBLIC}\n"
             f"public_interface = pub0\nmetadata_port = {METADATA_PORT}\n"
             "dhcp_bridges = br0\n"
-            # Per-bridge zones would put the two directions of a routed flow in
-            # different zones, so NAT could never translate the replies.
-            "[firewall]\nconntrack_zones = false\n")
+            f"[firewall]\nconntrack_zones = {str(zones).lower()}\n")
+
+
 SG = {
     "sg-web": [
         {"direction": "ingress", "ethertype": "IPv4", "protocol": "tcp",
@@ -109,9 +114,12 @@ def build(topo: Topology) -> tuple[dict[str, VM], dict[str, Any]]:
     return vms, policy
 
 
-@pytest.fixture(scope="module")
-def nat_node(tmp_path_factory) -> Iterator[tuple[Topology, dict[str, VM], dict[str, Server]]]:
-    """One NAT node, with its servers, for the tests that only send traffic."""
+@pytest.fixture(scope="module", params=ZONES)
+def nat_node(request: pytest.FixtureRequest,
+             tmp_path_factory) -> Iterator[tuple[Topology, dict[str, VM], dict[str, Server]]]:
+    """One NAT node, with its servers, for the tests that only send traffic;
+    once with conntrack zones (each flow must then meet its entry in the zone
+    of the VM's bridge, from whichever side its packets come) and once without."""
     require_kernel()
     with Topology() as topo:
         vms, policy = build(topo)
@@ -121,7 +129,7 @@ def nat_node(tmp_path_factory) -> Iterator[tuple[Topology, dict[str, VM], dict[s
                    # address, so the service listens on 0.0.0.0 as nova-api-metadata does.
                    "node": serve(node_host(topo), tcp=[METADATA_PORT], udp=[53])}
         agent = AgentProcess(tmp_path_factory.mktemp("nat"), topo.node.ns, policy,
-                             extra_conf=NAT_CONF)
+                             extra_conf=nat_conf(request.param))
         try:
             agent.start()
             yield topo, vms, servers
@@ -204,6 +212,37 @@ class input_policy_drop:  # noqa: N801 - reads as a statement in a `with`
         self.topo.node.run(["iptables-legacy", "-P", "INPUT", "ACCEPT"])
 
 
+# ---------------------------------------------------------------- DMZ
+
+@pytest.mark.parametrize("zones", ZONES)
+def test_the_dmz_sees_fixed_ips_both_ways(tmp_path, zones: bool) -> None:
+    """With the outside in dmz_cidr (and a route back to the fixed range), a
+    VM's flow leaves with its fixed IP, and the outside reaches a VM's fixed
+    IP directly. With zones, the packets routed in to the fixed IP must get
+    the zone of the VM's bridge, or the VM's flows never see their replies.
+    """
+    require_kernel()
+    with Topology() as topo:
+        vms, policy = build(topo)
+        vms["outside"].run(["ip", "route", "add", "10.0.0.0/24", "via", NODE_PUBLIC])
+        conf = nat_conf(zones).replace("dhcp_bridges", "dmz_cidr = 203.0.113.0/24\ndhcp_bridges")
+        agent = AgentProcess(tmp_path, topo.node.ns, policy, extra_conf=conf)
+        outside = serve(vms["outside"], tcp=[8080])
+        inside = serve(vms["b"], tcp=[80])
+        try:
+            agent.start()
+            assert tcp_connect(vms["a"], OUTSIDE, 8080)
+            assert tcp_connect(vms["b"], OUTSIDE, 8080)
+            assert outside.sources("tcp", 8080) == {vms["a"].ipv4, vms["b"].ipv4}
+            assert tcp_connect(vms["outside"], vms["b"].ipv4, 80)
+            assert inside.saw(OUTSIDE, "tcp", 80, timeout=1)
+        finally:
+            outside.stop()
+            inside.stop()
+            agent.stop()
+            assert_root_clean()
+
+
 # ---------------------------------------------------------------- removal
 
 class HeldConnection:
@@ -236,11 +275,12 @@ class HeldConnection:
         self.proc.communicate()
 
 
-def test_removing_a_floating_ip_cuts_its_flows(tmp_path) -> None:
+@pytest.mark.parametrize("zones", ZONES)
+def test_removing_a_floating_ip_cuts_its_flows(tmp_path, zones: bool) -> None:
     require_kernel()
     with Topology() as topo:
         vms, policy = build(topo)
-        agent = AgentProcess(tmp_path, topo.node.ns, policy, extra_conf=NAT_CONF)
+        agent = AgentProcess(tmp_path, topo.node.ns, policy, extra_conf=nat_conf(zones))
         try:
             agent.start()
             serve(vms["a"], tcp=[80])
@@ -274,7 +314,8 @@ from agent.model import parse_policy
 spec = json.load(sys.stdin)
 nat = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["nat"].items()}
 settings = Settings(nat=NatSettings(**nat))
-snap = Snapshot(parse_policy(spec["policy"]), frozenset(spec["devices"]), settings)
+snap = Snapshot(parse_policy(spec["policy"]), frozenset(spec["devices"]), settings,
+                {d: "br0" for d in spec["devices"]}, {"br0": 4097})
 ruleset = compile_ruleset(snap).ruleset
 reports = []
 for _ in range(2):  # a fresh engine each time: the second one reads the kernel
@@ -286,7 +327,8 @@ print(json.dumps(reports))
 
 @pytest.mark.parametrize("metadata_host", ["127.0.0.1", "10.0.0.1"])
 def test_second_apply_writes_nothing(tmp_path, metadata_host: str) -> None:
-    """Our rule text is exactly what iptables-save prints, for every rule form."""
+    """Our rule text is exactly what iptables-save prints, for every rule form
+    (the raw table's NAT zone rules included)."""
     require_kernel()
     ns = f"hfwt-{os.getpid()}-{secrets.token_hex(2)}-canon"
     nat = {"fixed_range": "10.0.0.0/24", "routing_source_ip": NODE_PUBLIC,
@@ -304,7 +346,7 @@ def test_second_apply_writes_nothing(tmp_path, metadata_host: str) -> None:
         proc = run_in(ns, [sys.executable, "-c", APPLY_TWICE], input=json.dumps(spec),
                       cwd=str(Path(__file__).resolve().parents[2]))
         first, second = json.loads(proc.stdout)
-        assert "nat/v4" in first and "filter/v4" in first
+        assert "nat/v4" in first and "filter/v4" in first and "raw/v4" in first
         assert second == []
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False)

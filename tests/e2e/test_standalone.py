@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.support.agent import AgentProcess, assert_root_clean
 from tests.support.topology import (
@@ -164,6 +165,27 @@ def test_policy_change_and_sighup(sandbox) -> None:
     agent.proc.send_signal(signal.SIGHUP)
     agent.wait_for(lambda: agent.status()["generation"] > generation, what="reload")
     agent.wait_for(lambda: tcp_connect(client, web.ipv4, 8080), what="port 8080 open")
+
+
+def test_a_rewritten_file_is_applied_without_a_signal(sandbox) -> None:
+    """The agent watches its policy file: an atomic rewrite (rename) and an
+    in-place write both land, with no SIGHUP."""
+    topo, agent = sandbox
+    web, client, outsider = topo.vms["web"], topo.vms["client"], topo.vms["outsider"]
+    serve(web, tcp=[8081, 8082])
+    policy = web_policy(web, client, outsider)
+    for port in (8081, 8082):
+        assert not tcp_connect(client, web.ipv4, port, timeout=FAIL)
+    policy["security_groups"]["sg-web"].append(
+        {"direction": "ingress", "ethertype": "IPv4", "protocol": "tcp",
+         "port_range_min": 8081, "port_range_max": 8081})
+    agent.write_policy(policy)                     # write to a temporary file, rename
+    agent.wait_for(lambda: tcp_connect(client, web.ipv4, 8081), what="port 8081 open")
+    policy["security_groups"]["sg-web"].append(
+        {"direction": "ingress", "ethertype": "IPv4", "protocol": "tcp",
+         "port_range_min": 8082, "port_range_max": 8082})
+    agent.policy_path.write_text(yaml.safe_dump(policy))   # in place
+    agent.wait_for(lambda: tcp_connect(client, web.ipv4, 8082), what="port 8082 open")
 
 
 def test_bad_port_is_rejected_and_the_others_keep_working(sandbox) -> None:

@@ -153,39 +153,39 @@ def generation(agent: AgentProcess) -> int:
     return agent.request({"command": "status"})["generation"]
 
 
-def quiet_window(agent: AgentProcess, gap: float = 3.5, timeout: float = 60.0) -> None:
-    """Return right after a drift check that came `gap` s or more after the one before.
+def quiet_window(agent: AgentProcess, still: float = 1.5, timeout: float = 60.0) -> None:
+    """Return once no apply ran for `still` s.
 
-    Without changes, drift checks come at doubling intervals (agent/daemon.py
-    Timers), so the next one is at least 2 * gap away: time to tamper and diff
-    before the agent repairs. The gap is measured from when polling started,
-    which can only underestimate it.
+    With no change and a long resync interval the agent does not touch the
+    kernel: the read-back after a write comes 1 s after it (agent/reconciler.py
+    CHECK_DELAY), and the next full re-read is an hour away. So after a quiet
+    `still` there is time to tamper and diff before anything repairs.
     """
     deadline = time.monotonic() + timeout
     last, since = generation(agent), time.monotonic()
     while time.monotonic() < deadline:
         now_generation = generation(agent)
         if now_generation != last:
-            if time.monotonic() - since >= gap:
-                return
             last, since = now_generation, time.monotonic()
+        elif time.monotonic() - since >= still:
+            return
         time.sleep(0.05)
     raise TimeoutError(f"no quiet window within {timeout} s\n{agent.log()}")
 
 
 def tamper_and_diff(agent: AgentProcess, tamper: Callable[[], Any],
                     evidence: Callable[[], Any]) -> tuple[dict[str, Any], str, Any]:
-    """Tamper, diff, read the kernel back, all between two drift checks.
+    """Tamper, diff, read the kernel back, with no apply in between.
 
-    A drift check is an apply and bumps `generation`; an unchanged generation
-    proves that only `diff` ran between the tampering and the read-back.
+    Every apply bumps `generation`; an unchanged generation proves that only
+    `diff` ran between the tampering and the read-back.
     """
     quiet_window(agent)
     before = generation(agent)
     tamper()
     reply, text = diff(agent)
     seen = evidence()
-    assert generation(agent) == before, "a drift check ran in the quiet window"
+    assert generation(agent) == before, "an apply ran in the quiet window"
     return reply, text, seen
 
 

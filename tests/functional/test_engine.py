@@ -205,6 +205,53 @@ def test_drift_is_repaired_by_a_refresh(writer: Writer, tamper: str) -> None:
     assert "10.0.0.3" in members and "192.0.2.1" not in members
 
 
+@pytest.mark.parametrize("tamper", ["flush", "delete_rule", "ipset_member", "none"])
+def test_read_back_of_touched_chains_finds_drift_there(writer: Writer, tamper: str) -> None:
+    """`check` reads only what a write touched (one `-S <chain>` each, one `ipset
+    save <set>`), agrees with the kernel when untampered, and where it differs
+    the next incremental apply repairs it and counts it as drift."""
+    desired = compiled(policy())
+    writer.call(lambda e: e.apply(desired))
+    raw = policy()
+    raw["security_groups"]["sg-web"].append(
+        {"direction": "ingress", "ethertype": "IPv4", "protocol": "tcp",
+         "port_range_min": 81, "port_range_max": 81})
+    raw["ports"][2]["fixed_ips"].append("10.9.9.9")
+    changed = compiled(raw)
+    report = writer.call(lambda e: e.apply(changed))
+    group_chains = {c for c in report.touched[(4, "filter")] if c.startswith("hostfw-g")}
+    assert group_chains and report.sets_touched == {"hfw4gsg-web"}
+    assert len(report.touched[(4, "filter")]) < 5, report.touched
+    chain = sorted(group_chains)[0]
+    if tamper == "flush":
+        writer.ipt("-F", chain)
+    elif tamper == "delete_rule":
+        writer.ipt("-D", chain, "1")
+    elif tamper == "ipset_member":
+        run_in(writer.ns, ["ipset", "del", "hfw4gsg-web", "10.9.9.9"])
+    differs = writer.call(lambda e: e.check(report.touched, report.sets_touched))
+    if tamper == "none":
+        assert differs == []
+        return
+    assert differs == (["ipset hfw4gsg-web"] if tamper == "ipset_member"
+                       else [f"filter/v4 {chain}"])
+    repair = writer.call(lambda e: e.apply(changed))
+    assert repair.changed and repair.drift_repaired
+    assert writer.call(lambda e: e.check(repair.touched, repair.sets_touched)) == []
+
+
+def test_a_stepwise_refresh_sees_what_a_full_read_sees(writer: Writer) -> None:
+    desired = compiled(policy())
+    writer.call(lambda e: e.apply(desired))
+    writer.ipt("-F", "hostfw-i0001")
+    steps = writer.call(lambda e: e.refresh_steps(desired))
+    assert (4, "filter") in steps and steps[-1] is None
+    for step in steps:
+        writer.call(lambda e, step=step: e.refresh_step(step))
+    repair = writer.call(lambda e: e.apply(desired, verify=True))
+    assert repair.drift_repaired and repair.in_sync and repair.tables_written == ["filter/v4"]
+
+
 def test_foreign_rules_and_chains_are_never_touched(writer: Writer) -> None:
     writer.ipt("-N", "FOREIGN")
     writer.ipt("-A", "FOREIGN", "-s", "192.0.2.1/32", "-j", "ACCEPT")

@@ -442,7 +442,7 @@ def test_hooks_once_in_order_and_stale_chains_deleted(ns: str, writer: Writer) -
 
     # Fewer ports, no NAT, no hand-written tables: their chains and hooks go.
     smaller = representative(ports=2, nat=False, extras=False)
-    gone = NAMES.port_chain("s", "tap005-00")
+    gone = NAMES.port_chain("o", "tap005-00")
     sh("iptables-legacy", "-w", "5", "-N", "FOREIGN-ref", ns=ns)
     sh("iptables-legacy", "-w", "5", "-A", "FOREIGN-ref", "-j", gone, ns=ns)
     writer(engine.apply, smaller, True)  # refresh: the engine must see the foreign reference

@@ -33,6 +33,7 @@ EXPECTED = {
     "hostfw_oldest_pending_change_seconds", "hostfw_last_apply_chains_written",
     "hostfw_last_apply_lines_written", "hostfw_rules", "hostfw_chains", "hostfw_ipsets",
     "hostfw_ipset_members", "hostfw_xtables_lock_waits", "hostfw_source_error",
+    "hostfw_writer_errors", "hostfw_build_info",
     "process_cpu_seconds",
 }
 
@@ -79,6 +80,7 @@ def test_every_metric_is_exported(served: Served) -> None:
 
 def test_an_apply_moves_the_counters(served: Served) -> None:
     agent, base = served.agent, served.base
+    agent.resync()   # the start's own re-read is over
     before = scrape(base)
     assert metric(before, "hostfw_ready") == 1
     assert metric(before, "hostfw_generation") == agent.status()["generation"]
@@ -87,7 +89,15 @@ def test_an_apply_moves_the_counters(served: Served) -> None:
     assert metric(before, "hostfw_ipset_members", ip_version="4") == 2  # sg-ops members
 
     vms = list(served.topology.vms.values())
-    agent.apply_policy(policy(*vms, open_port=80))     # a resync request: a full apply
+    generation = agent.status()["generation"]
+    agent.write_policy(policy(*vms, open_port=80))     # the agent notices the file itself
+    agent.wait_for(lambda: agent.status()["generation"] > generation, what="the change")
+    changed = scrape(base)
+    assert metric(changed, "hostfw_last_apply_chains_written") > 0
+    assert metric(changed, "hostfw_apply_duration_seconds_count", kind="full") == \
+        metric(before, "hostfw_apply_duration_seconds_count", kind="full"), \
+        "a policy change must not re-read the kernel"
+    agent.resync()                                       # a full re-read, then an apply
     after = scrape(base)
 
     def grew(name: str, **labels: str) -> bool:
@@ -97,11 +107,13 @@ def test_an_apply_moves_the_counters(served: Served) -> None:
     assert grew("hostfw_kernel_reads_total", tool="iptables")
     assert grew("hostfw_apply_duration_seconds_count", kind="full")
     assert grew("hostfw_events_total", kind="resync")
+    assert grew("hostfw_events_total", kind="policy")
     assert grew("hostfw_network_programming_duration_seconds_count", kind="resync")
+    assert grew("hostfw_network_programming_duration_seconds_count", kind="policy")
     assert grew("hostfw_chains_written_total")
     assert grew("hostfw_last_apply_success_timestamp_seconds")
-    assert metric(after, "hostfw_last_apply_chains_written") > 0
     assert metric(after, "hostfw_kernel_write_errors_total", tool="iptables") == 0
+    assert metric(after, "hostfw_writer_errors_total", kind="internal") == 0
     assert metric(after, "hostfw_pending_changes") == 0
     assert metric(after, "hostfw_network_programming_duration_seconds_count",
                   kind="devices") >= 1

@@ -6,19 +6,27 @@ end-to-end tests (test_metrics_e2e.py) check the same against the real agent.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import platform
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import agent
 from agent.compiler import Compiled
 from agent.dataplane.command import KernelWriteError
 from agent.dataplane.engine import ApplyReport
 from agent.dataplane.ruleset import IpSet, Ruleset, Table
+from agent.dataplane.xtables_lock import xtables_lock
 from agent.metrics import Observer, parse_listen
 
 RESYNC = 30.0
@@ -214,7 +222,7 @@ def test_kernel_calls_and_their_errors_are_counted() -> None:
     observer, _, _ = make()
 
     class Backend:
-        lock_waits = 7
+        mode = "iptc"
 
         def save(self, family: int) -> str:
             return "# saved"
@@ -229,12 +237,11 @@ def test_kernel_calls_and_their_errors_are_counted() -> None:
     assert backend.save(4) == "# saved"
     with pytest.raises(KernelWriteError):
         backend.commit(Plan())  # type: ignore[arg-type]
-    assert backend.lock_waits == 7  # other attributes reach the real backend
+    assert backend.mode == "iptc"  # other attributes reach the real backend
     assert value(observer, "hostfw_kernel_reads_total", tool="iptables") == 1
     assert value(observer, "hostfw_kernel_writes_total", tool="ip6tables") == 1
     assert value(observer, "hostfw_kernel_write_errors_total", tool="ip6tables") == 1
     assert value(observer, "hostfw_kernel_write_errors_total", tool="ipset") == 0
-    assert value(observer, "hostfw_xtables_lock_waits_total") == 7
     observer.counted_ipsets().restore([])  # nothing to do: no kernel call, nothing counted
     assert value(observer, "hostfw_kernel_writes_total", tool="ipset") == 0
 
@@ -315,3 +322,76 @@ def test_openmetrics_when_asked(served) -> None:
     with urllib.request.urlopen(request, timeout=5) as reply:
         assert reply.headers["Content-Type"].startswith("application/openmetrics-text")
         assert reply.read().rstrip().endswith(b"# EOF")
+
+
+def test_build_info_names_the_version_and_python() -> None:
+    observer, _, _ = make()
+    assert value(observer, "hostfw_build_info", version=agent.version(),
+                 python=platform.python_version()) == 1
+    assert agent.version() != agent.FALLBACK_VERSION    # the venv's install came from git
+
+
+def test_xtables_lock_waits_count_each_wait_for_another_writer(tmp_path: Path) -> None:
+    observer, _, _ = make()
+    lock = str(tmp_path / "xtables.lock")
+    before = value(observer, "hostfw_xtables_lock_waits_total")
+    with xtables_lock(path=lock):                       # free: no wait
+        pass
+    assert value(observer, "hostfw_xtables_lock_waits_total") == before
+
+    other = os.open(lock, os.O_RDONLY)                  # another writer, as iptables takes it
+    fcntl.flock(other, fcntl.LOCK_EX)
+    got = threading.Event()
+
+    def writer() -> None:
+        with xtables_lock(timeout=30, path=lock):
+            got.set()
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while value(observer, "hostfw_xtables_lock_waits_total") == before:
+        assert time.monotonic() < deadline, "the waiting writer was never counted"
+        time.sleep(0.01)
+    assert not got.is_set()                             # it is waiting, counted once
+    os.close(other)                                     # the other writer lets go
+    thread.join(10)
+    assert got.is_set()
+    assert value(observer, "hostfw_xtables_lock_waits_total") == before + 1
+
+    other = os.open(lock, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(KernelWriteError, match="stayed busy"), \
+                xtables_lock(timeout=0.05, path=lock):
+            pass
+    finally:
+        os.close(other)
+    assert value(observer, "hostfw_xtables_lock_waits_total") == before + 2  # gave up: counted
+
+
+def test_a_dead_bridge_hook_makes_the_agent_not_ready_with_the_reason() -> None:
+    """Issue 14.8: with bridge-nf-call-iptables at 0 the agent said ready."""
+    observer, _, _ = make()
+    observer.applied(report(), compiled(), 1)
+    problem = "net.bridge.bridge-nf-call-iptables is 0 in the managed namespace"
+    observer.bridge_nf_checked({4: False, 6: True}, [problem])
+    ready, doc = observer.readiness()
+    assert not ready and not observer.ready and doc["problems"] == [problem]
+    assert value(observer, "hostfw_ready") == 0
+    assert value(observer, "hostfw_bridge_nf_call_ok", ip_version="4") == 0
+    assert value(observer, "hostfw_bridge_nf_call_ok", ip_version="6") == 1
+    observer.bridge_nf_checked({4: True, 6: True}, [])
+    assert observer.readiness() == (True, {"ready": True, "generation": 1, "in_sync": True})
+    assert value(observer, "hostfw_ready") == 1
+
+
+def test_foreign_rules_ahead_of_a_hook_are_a_gauge_per_chain() -> None:
+    """Issue 14.10b: a foreign ACCEPT ahead of our FORWARD hook was invisible."""
+    observer, _, _ = make()
+    observer.foreign_rules_ahead({(4, "filter", "FORWARD"): 1})
+    assert value(observer, "hostfw_foreign_rules_ahead_of_hook", ip_version="4",
+                 table="filter", chain="FORWARD") == 1
+    observer.foreign_rules_ahead({})
+    assert ("hostfw_foreign_rules_ahead_of_hook", (("chain", "FORWARD"), ("ip_version", "4"),
+                                                   ("table", "filter"))) not in samples(observer)

@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from agent.dataplane.plan import jump_target
+from agent.dataplane.plan import jump_target, rules_ahead_of_hooks
 from tests.reliability.support import (
     NAMES,
     add_taps,
@@ -129,5 +129,28 @@ def test_foreign_rules_survive_many_applies(topology: Topology, tmp_path, backen
         assert last["lines_written"] == 0, f"foreign rules made the agent rewrite: {last}"
     finally:
         writer.stop_event.set()
+        agent.stop()
+        assert_root_clean()
+
+
+@pytest.mark.parametrize("backend", backend_params("iptables-legacy", "iptables-nft"))
+def test_a_foreign_accept_ahead_of_our_hook_is_found_and_left_alone(
+        topology: Topology, tmp_path, backend: str) -> None:
+    """Issue 14.10b: `-I FORWARD 1 -j ACCEPT` by another tool passes every bridged
+    packet before our hook sees it. The kernel's own listing shows it ahead of
+    the hook; the agent does not fight it (a resync writes nothing)."""
+    ns = topology.node.ns
+    taps = plug_tap_ports(ns, 2)
+    agent = AgentProcess(tmp_path, ns, random_policy(random.Random(14), taps), backend=backend)
+    try:
+        agent.start()
+        assert rules_ahead_of_hooks(read_kernel(ns, backend)[4]["filter"],
+                                    NAMES.owns_chain) == {}
+        topology.node.run([tool(backend), "-w", "-I", "FORWARD", "1", "-j", "ACCEPT"])
+        agent.resync()
+        filt = read_kernel(ns, backend)[4]["filter"]
+        assert rules_ahead_of_hooks(filt, NAMES.owns_chain) == {"FORWARD": ["-j ACCEPT"]}
+        assert agent.request({"command": "status"})["last_apply"]["lines_written"] == 0
+    finally:
         agent.stop()
         assert_root_clean()

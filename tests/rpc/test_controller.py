@@ -29,7 +29,7 @@ from agent.controller.workers import AnswerWorkers
 from agent.model import parse_net, parse_port
 from agent.sources import rpc_api
 from agent.sources.policy_file import load_policy_text
-from agent.sources.rpc_messages import policy_from_replies
+from agent.sources.rpc_cache import policy_from_replies
 from tests.rpc.broker import Broker
 from tests.rpc.stack import ControllerProcess, notifier_transport, wait_for
 from tests.support.agent import tool
@@ -54,7 +54,7 @@ def test_controller_and_agent_agree_with_standalone_mode(devices: list[str]) -> 
     standalone = load(example())
     pulled = policy_from_replies([(devices, build_reply(Snapshot.of(standalone), devices))])
     local = [p for p in standalone.ports if p.device in devices]
-    assert pulled.ports == tuple(local)
+    assert pulled.ports == tuple(sorted(local, key=lambda p: p.device))
     assert pulled.errors == ()
     groups = {g for p in local for g in p.security_groups}
     assert dict(pulled.groups) == {g: standalone.groups[g] for g in groups}

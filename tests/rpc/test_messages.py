@@ -8,7 +8,8 @@ import pytest
 
 from agent.model import Invalid
 from agent.sources import rpc_api
-from agent.sources.rpc_messages import MalformedReply, parse_notice, policy_from_replies
+from agent.sources.rpc_cache import policy_from_replies
+from agent.sources.rpc_messages import MalformedReply, parse_notice
 
 PORT_ID = "6f1c2a4e-0001-4000-8000-000000000001"
 

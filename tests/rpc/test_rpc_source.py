@@ -42,12 +42,40 @@ class Harness:
     delivered: list[Policy] = field(default_factory=list)
     arrived: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
     server: Any = None
+    asked: list[list[str]] = field(default_factory=list)   # the devices of every call
+    as_neutron: bool = False   # leave network:* ports out of pulls, as Neutron does
 
     def serve(self) -> None:
+        harness = self
+
+        class Recording(SecurityGroupInfo):
+            def security_group_info_for_devices(self, context: Any, **kwargs: Any) -> Any:
+                harness.asked.append(sorted(kwargs.get("devices") or []))
+                reply = super().security_group_info_for_devices(context, **kwargs)
+                if harness.as_neutron:
+                    reply["devices"] = {
+                        k: p for k, p in reply["devices"].items()
+                        if not str(p.get("device_owner", "")).startswith("network:")}
+                return reply
+
         self.server = messaging.get_rpc_server(
             self.transport, messaging.Target(topic=rpc_api.PLUGIN_TOPIC, server="ctl"),
-            [SecurityGroupInfo(lambda: self.snapshot)])
+            [Recording(lambda: self.snapshot)])
         self.server.start()
+
+    def change(self, edit: Any) -> None:
+        """Edit the controller's policy (a function of the raw example)."""
+        raw = example()
+        edit(raw)
+        self.snapshot = Snapshot.of(load_policy_text(yaml.safe_dump(raw)))
+
+    def calls_after(self, before: int, timeout: float = 5.0) -> list[list[str]]:
+        """The calls made since `before` calls, once they stopped coming."""
+        deadline = time.monotonic() + timeout
+        while len(self.asked) == before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        return self.asked[before:]
 
     def deliver(self, policy: Policy) -> None:
         self.delivered.append(policy)
@@ -154,6 +182,83 @@ def test_a_port_update_for_a_local_device_pulls(harness: Harness) -> None:
     harness.wait(lambda s: s["pulls"] > before["pulls"])
 
 
+def settled(harness: Harness) -> int:
+    harness.next_policy()
+    harness.wait(lambda s: s["connected"])
+    time.sleep(0.1)
+    return len(harness.asked)
+
+
+def test_a_rule_update_pulls_one_device_that_covers_the_group(harness: Harness) -> None:
+    before = settled(harness)
+    harness.change(lambda raw: raw["security_groups"]["sg-web"].pop(0))
+    harness.notify(Notifications(rules_updated=("sg-web",)))
+    assert harness.calls_after(before) == [["tapweb1"]]
+    policy = harness.next_policy()
+    assert len(policy.groups["sg-web"]) == len(example()["security_groups"]["sg-web"]) - 1
+    assert harness.source.status()["ports"] == 2
+
+
+def test_a_member_update_pulls_a_device_whose_rules_use_the_group(harness: Harness) -> None:
+    """sg-db's rules name sg-web as remote group: tapdb1's reply carries its members."""
+    before = settled(harness)
+
+    def extra_member(raw: dict[str, Any]) -> None:
+        raw.setdefault("sg_member_ips", {})["sg-web"] = {"IPv4": [["10.0.0.77", None]]}
+
+    harness.change(extra_member)
+    harness.notify(Notifications(members_updated=("sg-web",)))
+    assert harness.calls_after(before) == [["tapdb1"]]
+    assert "10.0.0.77/32" in harness.next_policy().members["sg-web"][4]
+
+
+def test_port_update_pulls_that_device_and_port_delete_pulls_nothing(harness: Harness) -> None:
+    before = settled(harness)
+    port = parse_port({"id": "6f1c2a4e-0003-4000-8000-000000000003", "device": "tapdb1",
+                       "mac_address": "fa:16:3e:00:00:21"}, strict=True)
+    harness.notify(Notifications(ports_updated=(port,)))
+    assert harness.calls_after(before) == [["tapdb1"]]
+    before = len(harness.asked)
+    harness.notify(Notifications(ports_deleted=("6f1c2a4e-0003-4000-8000-000000000003",)))
+    policy = harness.next_policy()
+    assert {p.device for p in policy.ports} == {"tapweb1"}
+    assert harness.calls_after(before, timeout=0.5) == []
+
+
+def test_a_new_tap_pulls_that_device_alone_and_unchanged_objects_keep_identity(
+        harness: Harness) -> None:
+    before = settled(harness)
+    first = harness.delivered[-1]
+    harness.source.set_devices(LOCAL | {"tapweb2"})
+    assert harness.calls_after(before) == [["tapweb2"]]
+    policy = harness.next_policy()
+    assert {p.device for p in policy.ports} == LOCAL | {"tapweb2"}
+    old = {p.device: p for p in first.ports}
+    assert all(p is old[p.device] for p in policy.ports if p.device in old)
+    assert policy.groups["sg-web"] is first.groups["sg-web"]
+
+
+def test_resync_pulls_everything(harness: Harness) -> None:
+    before = settled(harness)
+    harness.source.resync()
+    assert harness.calls_after(before) == [sorted(LOCAL)]
+
+
+def test_a_failed_targeted_pull_keeps_the_cache_and_is_retried(harness: Harness) -> None:
+    before = settled(harness)
+    kept = harness.delivered[-1]
+    harness.server.stop()
+    harness.server.wait()
+    harness.change(lambda raw: raw["security_groups"]["sg-web"].pop(0))
+    harness.notify(Notifications(rules_updated=("sg-web",)))
+    harness.wait(lambda s: s["rpc_errors"] > 0)
+    assert harness.delivered[-1] is kept and harness.quiet(0.2)
+    harness.serve()
+    policy = harness.next_policy(timeout=10)
+    assert len(policy.groups["sg-web"]) == len(kept.groups["sg-web"]) - 1
+    assert ["tapweb1"] in harness.asked[before:]
+
+
 def test_a_malformed_notification_is_logged_and_dropped(harness: Harness,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     harness.next_policy()
@@ -242,3 +347,24 @@ def test_an_unreachable_controller_is_retried_and_resync_does_not_wait(
     assert time.monotonic() - started < 0.5
     harness.serve()
     harness.wait(lambda s: s["connected"] and s["error"] is None, timeout=10)
+
+
+def test_a_network_port_left_out_of_the_pull_is_learnt_as_trusted(harness: Harness) -> None:
+    """Neutron's (and hostfw-controller's) pull leaves out network:* ports; the
+    source asks get_devices_details_list about that device only and delivers it
+    as trusted. When its tap goes, so does the trust."""
+    settled(harness)
+
+    def dhcp_port(raw: dict[str, Any]) -> None:
+        raw["ports"].append({"id": "6f1c2a4e-0009-4000-8000-000000000009",
+                             "device": "tapdhcp1", "mac_address": "fa:16:3e:00:00:99",
+                             "fixed_ips": ["10.0.0.2"], "device_owner": "network:dhcp"})
+
+    harness.as_neutron = True
+    harness.change(dhcp_port)
+    harness.source.set_devices(LOCAL | {"tapdhcp1", "tapstranger"})
+    policy = harness.next_policy()
+    assert policy.trusted_devices == {"tapdhcp1"}
+    assert "tapdhcp1" not in {p.device for p in policy.ports}
+    harness.source.set_devices(LOCAL)
+    assert harness.next_policy().trusted_devices == frozenset()

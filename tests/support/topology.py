@@ -429,15 +429,17 @@ class Topology:
                                        else f"{given}/{net.prefixlen}")
         return str(iface.ip), iface.network.prefixlen
 
-    def plug(self, vm: VM) -> None:
+    def plug(self, vm: VM, *, bridge: str | None = None, ns: str | None = None) -> None:
         """Create the veth pair: ``vm.tap`` on the bridge, ``eth0`` in the VM.
 
         The peer is created in the node namespace under a temporary name and
         then moved, so ``eth0`` never clashes with anything on the node.
+        ``bridge`` and ``ns`` plug into another bridge, or another namespace's
+        (see :meth:`plug_hybrid` and :meth:`add_integration_bridge`).
         """
         if vm.plugged:
             return
-        node = self.node.ns
+        node = ns or self.node.ns
         self._peer_seq += 1
         peer = f"hfwtp{self._peer_seq}"
         run_in(node, ["ip", "link", "add", vm.tap, "type", "veth",
@@ -455,9 +457,50 @@ class Topology:
         vm.run(["ip", "route", "add", "default", "via", self.node.ipv4])
         if vm.ipv6:
             vm.run(["ip", "-6", "route", "add", "default", "via", self.node.ipv6])
-        run_in(node, ["ip", "link", "set", vm.tap, "master", self.node.bridge])
+        run_in(node, ["ip", "link", "set", vm.tap, "master", bridge or self.node.bridge])
         run_in(node, ["ip", "link", "set", vm.tap, "up"])
         vm.plugged = True
+
+    # -- OVS hybrid plugging ---------------------------------------------
+    def add_integration_bridge(self, bridge: str = "brint") -> str:
+        """A namespace standing in for Open vSwitch's br-int; returns its name.
+
+        A Linux bridge with br_netfilter off (per namespace), so, as with
+        OVS, nothing on it is seen by iptables: only the node's per-port
+        ``qbr`` bridges are. Plug hosts "elsewhere on the network" into it
+        with ``plug(vm, bridge=bridge, ns=<this namespace>)``.
+        """
+        ns = self._new_ns("brint")
+        run(["modprobe", "br_netfilter"], check=False)
+        _sysctl(ns, "net.bridge.bridge-nf-call-iptables=0",
+                "net.bridge.bridge-nf-call-ip6tables=0")
+        run_in(ns, ["ip", "link", "add", bridge, "type", "bridge", "forward_delay", "0",
+                    "stp_state", "0", "mcast_snooping", "0"])
+        run_in(ns, ["ip", "link", "set", bridge, "up"])
+        return ns
+
+    def plug_hybrid(self, vm: VM, integration_ns: str, integration_bridge: str = "brint") -> str:
+        """Plug ``vm`` as Nova does for Neutron's OVS hybrid plugging; returns its qbr.
+
+        The VM's tap goes on a bridge of its own, ``qbr<id>``, in the node;
+        a veth pair ``qvb<id>`` (on the qbr) / ``qvo<id>`` (on the
+        integration bridge, in ``integration_ns``) leads to the rest of the
+        network. ``<id>`` is the tap's name after ``tap``.
+        """
+        suffix = vm.tap.removeprefix("tap")
+        qbr, qvb, qvo = f"qbr{suffix}", f"qvb{suffix}", f"qvo{suffix}"
+        node = self.node.ns
+        run_in(node, ["ip", "link", "add", qbr, "type", "bridge", "forward_delay", "0",
+                      "stp_state", "0", "mcast_snooping", "0"])
+        run_in(node, ["ip", "link", "set", qbr, "up"])
+        run_in(node, ["ip", "link", "add", qvb, "type", "veth", "peer", "name", qvo])
+        run_in(node, ["ip", "link", "set", qvo, "netns", integration_ns])
+        run_in(node, ["ip", "link", "set", qvb, "master", qbr])
+        run_in(node, ["ip", "link", "set", qvb, "up"])
+        run_in(integration_ns, ["ip", "link", "set", qvo, "master", integration_bridge])
+        run_in(integration_ns, ["ip", "link", "set", qvo, "up"])
+        self.plug(vm, bridge=qbr)
+        return qbr
 
     def unplug(self, vm: VM) -> None:
         """Delete the node-side device; the VM's ``eth0`` goes with it."""

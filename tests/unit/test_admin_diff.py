@@ -148,7 +148,7 @@ def test_every_kind_of_change() -> None:
         return lines[lines.index(header):][:length]
 
     assert section(f"=== ipv4/filter {port_chain}: rewrite", 3) == [
-        f"=== ipv4/filter {port_chain}: rewrite", "@@ -1,2 +1,3 @@",
+        f"=== ipv4/filter {port_chain}: rewrite", "@@ -1 +1,2 @@",
         f"+-A {port_chain} {desired.chains[port_chain][0]}"]
     assert section("=== ipv4/filter hostfw-accept: new chain", 2)[1] == "@@ -0,0 +1 @@"
     assert section("=== ipv4/filter hostfw-old: delete chain", 3)[1:] == [

@@ -30,6 +30,7 @@ function iniset { echo "iniset $*" >> "$LOG"; }
 function get_transport_url { echo "rabbit://stackrabbit:secret@192.0.2.1:5672/"; }
 function run_process { echo "run_process $*" >> "$LOG"; }
 function stop_process { echo "stop_process $*" >> "$LOG"; }
+function pip_install { echo "pip_install $*" >> "$LOG"; }
 function sudo { echo "sudo $*" >> "$LOG"; }
 DEST=$WORK/opt; DATA_DIR=$WORK/data; STACK_USER=stack; Q_AGENT=${Q_AGENT-linuxbridge}
 Q_PLUGIN_CONF_FILE=etc/neutron/plugins/ml2/ml2_conf.ini
@@ -80,9 +81,43 @@ def test_post_config_writes_the_agent_config_and_silences_neutrons_firewall(tmp_
     assert not any(c.startswith("warn:") for c in calls)
 
 
-def test_post_config_warns_off_linux_bridge(tmp_path) -> None:
+def test_post_config_for_ml2_ovs_selects_the_hostfw_driver(tmp_path) -> None:
+    """ML2/OVS: the OVS agent's driver is the shim that asks for hybrid plugging."""
     calls = phase(tmp_path, "stack", "post-config", env={"Q_AGENT": "openvswitch"})
-    assert any(c.startswith("warn:") and "openvswitch" in c for c in calls)
+    assert "iniset /etc/neutron/plugins/ml2/ml2_conf.ini securitygroup firewall_driver hostfw" \
+        in calls
+    assert "sudo modprobe br_netfilter" in calls
+    assert not any(c.startswith(("warn:", "die:")) for c in calls)
+
+
+@pytest.mark.parametrize("agent", ["ovn", ""])
+def test_post_config_stops_where_hostfw_cannot_enforce(tmp_path, agent: str) -> None:
+    calls = phase(tmp_path, "stack", "post-config", env={"Q_AGENT": agent})
+    assert calls[-1].startswith("die:") and "Q_AGENT=openvswitch or linuxbridge" in calls[-1]
+    assert not any("firewall_driver" in c for c in calls)
+
+
+def fake_tools(tmp_path: Path) -> dict[str, str]:
+    """A python that passes the version check and a venv pip, both logging."""
+    log = tmp_path / "calls.log"
+    python = tmp_path / "python3.12"
+    python.write_text("#!/bin/sh\nexit 0\n")
+    pip = tmp_path / "opt" / "hostfw-venv" / "bin" / "pip"
+    pip.parent.mkdir(parents=True, exist_ok=True)
+    pip.write_text(f"#!/bin/sh\necho \"venv-pip $*\" >> {log}\n")
+    for tool in (python, pip):
+        tool.chmod(0o755)
+    return {"HOSTFW_PYTHON": str(python)}
+
+
+@pytest.mark.parametrize(("agent", "shim"), [("openvswitch", True), ("linuxbridge", False)])
+def test_install_puts_the_shim_into_neutrons_python_for_ovs_only(tmp_path, agent: str,
+                                                                 shim: bool) -> None:
+    calls = phase(tmp_path, "stack", "install", env={"Q_AGENT": agent, **fake_tools(tmp_path)})
+    clone = tmp_path / "opt" / "hostfw"
+    assert f"venv-pip install --quiet {clone}" in calls
+    want = f"pip_install --no-deps --ignore-requires-python {clone}"
+    assert (want in calls) is shim, calls
 
 
 def test_extra_starts_the_agent_as_root_and_unstack_stops_it(tmp_path) -> None:

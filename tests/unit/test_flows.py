@@ -80,3 +80,15 @@ def test_without_zones_cuts_match_every_zone() -> None:
     settings = replace(old.settings, conntrack_zones=False)
     found = flows_to_cut(replace(old, settings=settings), replace(new, settings=settings))
     assert found and all(isinstance(c, FlowCut) and c.zone is None for c in found)
+
+
+def test_a_removed_address_group_cidr_cuts_its_network_with_the_ports_that_admitted_it() -> None:
+    """Issue 14.5: a CIDR an address group lost was skipped (only host members
+    were cut), so flows from the revoked network stayed established."""
+    rule = {"direction": "ingress", "ethertype": "IPv4", "protocol": "tcp",
+            "port_range_min": 22, "remote_address_group_id": "ag-ops"}
+    raw = doc(**{"sg-web": [rule]})
+    old = parse_policy({**raw, "address_groups": {"ag-ops": ["10.1.0.0/16", "10.9.9.9/32"]}})
+    new = parse_policy({**raw, "address_groups": {"ag-ops": ["10.9.9.9/32"]}})
+    assert cuts(snap(old), snap(new)) == [
+        "-f ipv4 -p 6 -s 10.1.0.0/16 -d 10.0.0.10 -w 4097 (a member of ag-ops was removed)"]

@@ -531,6 +531,10 @@ def rpc_messages() -> Any:
     return pytest.importorskip("agent.sources.rpc_messages")
 
 
+def rpc_cache() -> Any:
+    return pytest.importorskip("agent.sources.rpc_cache")
+
+
 @FEW
 @given(st.sampled_from(["security_groups_rule_updated", "security_groups_member_updated",
                         "port_update", "port_delete", "bogus"]),
@@ -560,7 +564,7 @@ def test_rpc_notifications_are_parsed_or_rejected_with_a_reason(method: str,
                               "security_groups": d.get("security_groups"),
                               "sg_member_ips": d.get("sg_member_ips")}))), max_size=3))
 def test_rpc_replies_give_a_policy_or_a_malformed_reply(replies: list[Any]) -> None:
-    messages = rpc_messages()
+    messages = rpc_cache()
     try:
         policy = messages.policy_from_replies(replies)
     except messages.MalformedReply as exc:

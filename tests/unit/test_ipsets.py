@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import pytest
 
-from agent.dataplane.ipsets import KernelSet, parse_ipset_save, plan_ipsets
+from agent.compiler.names import Names
+from agent.dataplane.ipsets import (
+    DEFAULT_MAXELEM,
+    KernelSet,
+    maxelem_for,
+    parse_ipset_save,
+    plan_ipsets,
+    temporary_name,
+    written,
+)
 from agent.dataplane.ruleset import IpSet
 
-
-def owns(name: str) -> bool:
-    return name.startswith("hfw")
+owns = Names().owns_ipset
 
 
 SAVE_TEXT = """\
@@ -34,6 +41,13 @@ create f2b-sshd hash:ip family inet hashsize 1024 maxelem 65536 timeout 600
 add f2b-sshd 203.0.113.7 timeout 512
 create docker-hfw hash:net family inet hashsize 1024 maxelem 65536
 add docker-hfw 198.51.100.0/24
+create hfw-allow hash:net family inet hashsize 1024 maxelem 65536
+add hfw-allow 192.0.2.0/24
+create hfwd_ports hash:ip,port family inet hashsize 1024 maxelem 65536
+add hfwd_ports 10.0.0.1,tcp:22
+create hfwbits bitmap:port range 0-1024
+add hfwbits 22
+create hfw hash:net family inet hashsize 1024 maxelem 65536
 """
 
 
@@ -49,10 +63,10 @@ def test_parse_reads_owned_sets_only_and_normalises_members() -> None:
     sets = kernel()
     assert sets == {
         "hfw4gsg-web": KernelSet("hfw4gsg-web", 4, "hash:net",
-                                 {"10.0.0.5/32", "10.0.1.0/24", "10.0.0.9/32"}),
+                                 {"10.0.0.5/32", "10.0.1.0/24", "10.0.0.9/32"}, 65536),
         "hfw6gsg-web": KernelSet("hfw6gsg-web", 6, "hash:net",
-                                 {"2001:db8::5/128", "2001:db8:1::/48"}),
-        "hfw4gold": KernelSet("hfw4gold", 4, "hash:net", {"192.0.2.1/32"}),
+                                 {"2001:db8::5/128", "2001:db8:1::/48"}, 65536),
+        "hfw4gold": KernelSet("hfw4gold", 4, "hash:net", {"192.0.2.1/32"}, 65536),
     }
 
 
@@ -80,10 +94,10 @@ def test_member_deltas_create_and_destroy() -> None:
     }
     plan = plan_ipsets(desired, kernel())
     assert plan.before == [
-        "create hfw4aempty hash:net family inet",
+        "create hfw4aempty hash:net family inet maxelem 65536",
         "add hfw4gsg-web 10.0.0.7/32",
         "del hfw4gsg-web 10.0.0.9/32",
-        "create hfw6gnew hash:net family inet6",
+        "create hfw6gnew hash:net family inet6 maxelem 65536",
         "add hfw6gnew 2001:db8::8/128",
         "add hfw6gnew 2001:db8::9/128",
     ]
@@ -97,7 +111,8 @@ def test_foreign_sets_never_appear_in_a_plan() -> None:
         plan = plan_ipsets(desired, kernel())
         for line in plan.before + plan.after:
             assert line.split()[1].startswith("hfw"), line
-            assert not any(name in line for name in ("KUBE", "f2b", "docker")), line
+            assert not any(name in line for name in ("KUBE", "f2b", "docker", "hfw-allow",
+                                                     "hfwd_ports", "hfwbits")), line
 
 
 def test_nothing_wanted_destroys_every_owned_set_and_nothing_else() -> None:
@@ -111,7 +126,7 @@ def test_a_set_of_the_wrong_kind_is_rebuilt_under_its_name() -> None:
     plan = plan_ipsets({"hfw4gx": want("hfw4gx", 4, "10.0.0.1/32", "10.0.2.0/24")}, actual)
     assert plan.before == [
         "destroy hfw4gx",
-        "create hfw4gx hash:net family inet",
+        "create hfw4gx hash:net family inet maxelem 65536",
         "add hfw4gx 10.0.0.1/32",
         "add hfw4gx 10.0.2.0/24",
     ]
@@ -135,7 +150,8 @@ def test_planning_against_the_result_of_a_plan_is_empty() -> None:
     for line in plan.before + plan.after:
         words = line.split()
         if words[0] == "create":
-            actual[words[1]] = KernelSet(words[1], 6 if "inet6" in words else 4, words[2])
+            actual[words[1]] = KernelSet(words[1], 6 if "inet6" in words else 4, words[2],
+                                         maxelem=int(words[words.index("maxelem") + 1]))
         elif words[0] == "add":
             actual[words[1]].members.add(words[2])
         elif words[0] == "del":
@@ -144,3 +160,96 @@ def test_planning_against_the_result_of_a_plan_is_empty() -> None:
             del actual[words[1]]
     assert plan_ipsets(desired, actual).empty
     assert sorted(actual) == ["hfw4gnew", "hfw4gsg-web"]
+
+
+# ---------------------------------------------------------------- ownership (issue 14.4)
+
+@pytest.mark.parametrize("name", ["hfw-allow", "hfwd_ports", "hfwbits", "hfw", "hfw4",
+                                  "hfwx4g", "xhfw4gsg", "HFW4gsg"])
+def test_sets_sharing_only_the_prefix_are_foreign(name: str) -> None:
+    """CONTRACT section 8: ours is the prefix, then 4 or 6, then a suffix."""
+    assert not owns(name)
+
+
+@pytest.mark.parametrize("name", ["hfw4gsg-web", "hfw6aag1", "hfw4g" + "x" * 26])
+def test_names_the_compiler_makes_are_ours(name: str) -> None:
+    assert owns(name)
+    assert owns(Names().ipset(4, "g", "x" * 40)) and owns(temporary_name(name))
+
+
+def test_an_owned_set_of_a_foreign_type_is_parsed_not_a_crash() -> None:
+    """A set of ours recreated by hand as hash:ip,port: its members are kept as
+    written (ValueError on the writer thread once killed it), and the plan
+    replaces the set."""
+    text = ("create hfw4gx hash:ip,port family inet hashsize 1024 maxelem 65536\n"
+            "add hfw4gx 10.0.0.1,tcp:22\n")
+    sets = parse_ipset_save(text, owns)
+    assert sets["hfw4gx"].members == {"10.0.0.1,tcp:22"}
+    plan = plan_ipsets({"hfw4gx": want("hfw4gx", 4, "10.0.0.1/32")}, sets)
+    assert plan.before[:2] == ["destroy hfw4gx",
+                               "create hfw4gx hash:net family inet maxelem 65536"]
+
+
+# ---------------------------------------------------------------- sizes (issue 14.3)
+
+def test_maxelem_is_the_default_or_room_to_double() -> None:
+    assert maxelem_for(0) == maxelem_for(32768) == DEFAULT_MAXELEM
+    assert maxelem_for(32769) == maxelem_for(65536) == 131072
+    assert maxelem_for(70000) == 262144
+    assert all(maxelem_for(n) >= 2 * n for n in (1, 1000, 65537, 10**6))
+
+
+def test_a_big_new_set_is_created_big_enough() -> None:
+    members = {f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}/32" for i in range(70000)}
+    plan = plan_ipsets({"hfw4gbig": IpSet("hfw4gbig", 4, frozenset(members))}, {})
+    assert plan.before[0] == "create hfw4gbig hash:net family inet maxelem 262144"
+    assert plan.added == 70000
+
+
+def test_a_set_outgrowing_its_maxelem_is_rebuilt_and_swapped_in() -> None:
+    """The kernel cannot raise maxelem in place: a temporary set of the new
+    size gets every member, is swapped in (rules keep referencing the name)
+    and the old contents go with the temporary."""
+    old = {f"10.0.{i >> 8}.{i & 255}/32" for i in range(100)}
+    new = old | {"10.1.0.0/24", "10.2.0.0/24"}
+    temp = temporary_name("hfw4gx")
+    plan = plan_ipsets({"hfw4gx": IpSet("hfw4gx", 4, frozenset(new))},
+                       {"hfw4gx": KernelSet("hfw4gx", 4, "hash:net", set(old), 101),
+                        temp: KernelSet(temp, 4, "hash:net", {"10.9.9.9/32"}, 65536)})
+    assert plan.before[:2] == [f"destroy {temp}",
+                               f"create {temp} hash:net family inet maxelem 65536"]
+    assert plan.before[-2:] == [f"swap {temp} hfw4gx", f"destroy {temp}"]
+    assert sorted(line.split()[2] for line in plan.before if line.startswith("add ")) == \
+        sorted(new)
+    assert plan.after == [] and (plan.added, plan.removed) == (2, 0)
+
+
+def test_a_set_within_its_size_gets_deltas_only() -> None:
+    have = KernelSet("hfw4gx", 4, "hash:net", {"10.0.0.1/32"})  # maxelem not read
+    plan = plan_ipsets({"hfw4gx": want("hfw4gx", 4, "10.0.0.1/32", "10.0.0.2/32")},
+                       {"hfw4gx": have})
+    assert plan.before == ["add hfw4gx 10.0.0.2/32"]
+
+
+def test_an_unread_maxelem_is_assumed_no_bigger_than_the_members_prove() -> None:
+    """The engine records what it wrote without `maxelem`; the planner then
+    assumes the least size those members prove, so it may rebuild once too
+    often but never lets a restore hit `Hash is full`."""
+    assert KernelSet("x", 4, "hash:net", {str(i) for i in range(10)}).capacity == 65536
+    assert KernelSet("x", 4, "hash:net", {str(i) for i in range(70000)}).capacity == 131072
+    assert KernelSet("x", 4, "hash:net", set(), 1 << 20).capacity == 1 << 20
+
+
+def test_the_view_after_a_plan_keeps_the_kernels_maxelem_or_takes_the_new_one() -> None:
+    """For the writer's view (agent/dataplane/engine.py): a set only given
+    members keeps the maxelem read from the kernel, so a later growth past it
+    is planned as a rebuild instead of failing with `Hash is full`."""
+    small = KernelSet("hfw4gx", 4, "hash:net", {"10.0.0.1/32"}, 2)
+    grown = written(want("hfw4gx", 4, "10.0.0.1/32", "10.0.0.2/32"), small)
+    assert grown.maxelem == 2 and grown.members == {"10.0.0.1/32", "10.0.0.2/32"}
+    assert plan_ipsets({"hfw4gx": want("hfw4gx", 4, "10.0.0.1/32", "10.0.0.2/32",
+                                       "10.0.0.3/32")}, {"hfw4gx": grown}).before[-2] == \
+        f"swap {temporary_name('hfw4gx')} hfw4gx"
+    rebuilt = written(want("hfw4gx", 4, "10.0.0.1/32", "10.0.0.2/32", "10.0.0.3/32"), small)
+    assert rebuilt.maxelem == 65536
+    assert written(want("hfw4gy", 4), None).maxelem == 65536

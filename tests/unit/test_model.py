@@ -206,11 +206,28 @@ def test_the_whole_port_range_is_no_restriction() -> None:
     assert (parsed.port_min, parsed.port_max) == (None, None)
 
 
-@pytest.mark.parametrize("protocol", ["vrrp", "gre", "112", None, "any"])
-def test_ports_are_ignored_on_portless_protocols(protocol: str | None) -> None:
-    """Neutron drops ports on protocols without them (test_filter_bad_vrrp_with_dport)."""
-    parsed = good_rule(protocol=protocol, port_range_min=80, port_range_max=90,
-                       source_port_range_min=1, source_port_range_max=2)
+@pytest.mark.parametrize("protocol", [None, "any", "0", 0, "", "all", "gre", "vrrp", "112"])
+@pytest.mark.parametrize("ports", [
+    {"port_range_min": 22, "port_range_max": 22}, {"port_range_min": 22},
+    {"port_range_min": 0}, {"source_port_range_min": 1, "source_port_range_max": 2}],
+    ids=["range", "min", "zero", "source"])
+def test_ports_without_a_port_protocol_are_rejected(protocol: Any,
+                                                    ports: dict[str, int]) -> None:
+    """Neutron's API refuses ports without tcp/udp/udplite/sctp/dccp
+    (SecurityGroupProtocolRequiredWithPorts, ...InvalidProtocolForPortRange).
+    Dropping the ports instead made `{ingress, port 22}` an allow-all rule.
+    """
+    raw = rule(**ports)
+    raw["protocol"] = protocol
+    policy = load_group_rule(raw)
+    assert policy.groups["sg"] == (good_rule(protocol="tcp", port_range_min=22),)
+    [error] = [e for e in policy.errors if e.startswith("security group 'sg' rule 1 ")]
+    assert "has a port range but" in error and "ports need tcp" in error
+
+
+@pytest.mark.parametrize("protocol", [None, "any", "gre"])
+def test_portless_rules_without_ports_still_load(protocol: str | None) -> None:
+    parsed = good_rule(protocol=protocol, port_range_min=None)
     assert (parsed.port_min, parsed.port_max, parsed.source_port_min,
             parsed.source_port_max) == (None, None, None, None)
 

@@ -306,27 +306,69 @@ def test_nat_options_default_to_off() -> None:
     assert "nat" in dict(config.list_opts())
 
 
-def test_nat_values_that_would_reach_iptables_are_validated() -> None:
-    conf = _conf(fixed_range="10.0.0.0/33", dmz_cidr=["192.0.2.0/24", "x"],
-                 routing_source_ip="1.2.3", metadata_host="::1",
-                 public_interface="eth0 -j ACCEPT", dhcp_bridges=["br0", "br 1"])
-    assert config.validate(conf) == [
-        "[nat] fixed_range '10.0.0.0/33' is not an IPv4 network",
-        "[nat] dmz_cidr 'x' is not an IPv4 network",
-        "[nat] routing_source_ip '1.2.3' is not an IPv4 address",
-        "[nat] metadata_host '::1' is not an IPv4 address",
-        "[nat] public_interface 'eth0 -j ACCEPT' is not a device name",
-        "[nat] dhcp_bridges 'br 1' is not a device name",
+def test_nat_works_with_per_bridge_conntrack_zones() -> None:
+    """Issue 15.4: `[nat]` with the default `conntrack_zones = true` starts."""
+    for zones in (True, False):
+        assert config.validate(_conf(zones=zones, fixed_range="10.0.0.0/24",
+                                     routing_source_ip="203.0.113.1")) == []
+
+
+# ---------------------------------------------------------------- conntrack zones
+
+def zoned(*ports: Port, nat: NatSettings | None = NAT,
+          bridges: dict[str, str] | None = None) -> list[str]:
+    """raw PREROUTING and OUTPUT (v4) as `-A` lines, each port on br0 (or `bridges`)."""
+    bridges = bridges or {p.device: "br0" for p in ports}
+    zones = {b: 4097 + i for i, b in enumerate(sorted(set(bridges.values())))}
+    snap = Snapshot(Policy(ports=ports), frozenset(p.device for p in ports),
+                    Settings(nat=nat), bridges, zones)
+    rs = compile_ruleset(snap).ruleset
+    return (chain_text(rs, "raw", "hostfw-PREROUTING") +
+            chain_text(rs, "raw", "hostfw-OUTPUT"))
+
+
+def test_nat_zone_rules_golden() -> None:
+    """Floating IPs first (from anywhere and from the node), the full zone where
+    the fixed source stays, --zone-orig for host SNAT, then the bridge rule,
+    then arrivals routed in to fixed IPs."""
+    assert zoned(vm_port("a", "10.0.0.5", FLOAT_A), vm_port("b", "10.0.0.6")) == [
+        f"-A hostfw-PREROUTING -d {FLOAT_A}/32 -j CT --zone 4097",
+        "-A hostfw-PREROUTING -d 203.0.113.1/32 -i br0 -j CT --zone 4097",
+        "-A hostfw-PREROUTING -d 169.254.169.254/32 -i br0 -j CT --zone 4097",
+        "-A hostfw-PREROUTING -d 10.0.0.0/24 -i br0 -j CT --zone 4097",
+        "-A hostfw-PREROUTING -d 192.0.2.0/24 -i br0 -j CT --zone 4097",
+        "-A hostfw-PREROUTING -s 10.0.0.5/32 -i br0 -j CT --zone 4097",
+        "-A hostfw-PREROUTING -s 10.0.0.0/24 -i br0 -j CT --zone-orig 4097",
+        "-A hostfw-PREROUTING -i br0 -j CT --zone 4097",
+        "-A hostfw-PREROUTING -d 10.0.0.5/32 -j CT --zone 4097",
+        "-A hostfw-PREROUTING -d 10.0.0.6/32 -j CT --zone 4097",
+        f"-A hostfw-OUTPUT -d {FLOAT_A}/32 -j CT --zone 4097",
+        "-A hostfw-OUTPUT -o br0 -j CT --zone 4097",
     ]
-    assert config.validate(_conf(fixed_range="0.0.0.0/0")) == [
-        "[nat] fixed_range must not be 0.0.0.0/0"]
 
 
-def test_nat_refuses_per_bridge_conntrack_zones() -> None:
-    assert config.validate(_conf(zones=True)) == []        # NAT off: zones are fine
-    assert config.validate(_conf(zones=True, fixed_range="10.0.0.0/24")) == [
-        "[nat] needs [firewall] conntrack_zones = false: NAT tracks flows that cross "
-        "bridges and the public interface in one zone"]
+def test_without_host_snat_no_zone_orig_and_each_float_in_its_bridges_zone() -> None:
+    rules = zoned(vm_port("a", "10.0.0.5", FLOAT_A), vm_port("b", "10.0.0.6", "198.51.100.11"),
+                  nat=replace(NAT, routing_source_ip=""),
+                  bridges={"tapa": "br0", "tapb": "br1"})
+    assert not any("zone-orig" in r for r in rules)
+    assert f"-A hostfw-PREROUTING -d {FLOAT_A}/32 -j CT --zone 4097" in rules
+    assert "-A hostfw-OUTPUT -d 198.51.100.11/32 -j CT --zone 4098" in rules
+    assert rules.index("-A hostfw-PREROUTING -d 10.0.0.6/32 -j CT --zone 4098") > \
+        rules.index("-A hostfw-PREROUTING -i br1 -j CT --zone 4098")
+
+
+def test_no_nat_zone_rules_when_zones_or_nat_are_off() -> None:
+    ports = (vm_port("a", "10.0.0.5", FLOAT_A),)
+    assert zoned(*ports, nat=None) == ["-A hostfw-PREROUTING -i br0 -j CT --zone 4097",
+                                       "-A hostfw-OUTPUT -o br0 -j CT --zone 4097"]
+    snap = replace(snapshot(*ports), bridges={"tapa": "br0"}, zones={"br0": 4097})
+    snap = replace(snap, settings=replace(snap.settings, conntrack_zones=False))
+    assert compile_ruleset(snap).ruleset.tables[(4, "raw")].chains["hostfw-PREROUTING"] == ()
+
+
+def test_a_port_off_any_bridge_gets_no_nat_zone_rule() -> None:
+    assert zoned(vm_port("a", "10.0.0.5", FLOAT_A), bridges={"tapa": ""}) == []
 
 
 # ---------------------------------------------------------------- conntrack

@@ -14,7 +14,14 @@ import re
 import pytest
 
 from agent import protocols
-from agent.dataplane.plan import KernelTable, TablePlan, jump_target, parse_save, plan_table
+from agent.dataplane.plan import (
+    KernelTable,
+    TablePlan,
+    jump_target,
+    parse_save,
+    plan_table,
+    rules_ahead_of_hooks,
+)
 from agent.dataplane.ruleset import Hook, Table
 
 OWNS = re.compile(r"^hostfw-").match
@@ -377,3 +384,17 @@ def test_a_reinserted_hook_goes_back_in_order() -> None:
     plan_table(table, have, 4, "nat", lambda c: c.startswith("hostfw-")).apply_to(have)
     assert have.chains["POSTROUTING"] == ["-j hostfw-POSTROUTING", "-j hostfw-postrouting-bottom",
                                           "-o eth0 -j MASQUERADE"]
+
+
+def test_foreign_rules_ahead_of_our_hooks_are_listed_per_chain() -> None:
+    """Issue 14.10b: `-I FORWARD 1 -j ACCEPT` by another tool went unnoticed."""
+    kernel = KernelTable("filter", {
+        "FORWARD": ["-j ACCEPT", '-m comment --comment "x -j hostfw-FORWARD" -j LOG',
+                    "-j hostfw-FORWARD", "-j DROP"],
+        "INPUT": ["-j hostfw-INPUT", "-j ACCEPT"],
+        "OUTPUT": ["-j ACCEPT"],                       # no hook of ours: not reported
+        "hostfw-FORWARD": ["-j ACCEPT"],               # our own chain: not a built-in
+        "DOCKER": ["-j ACCEPT", "-j hostfw-FORWARD"],  # foreign chain: not a built-in
+    })
+    assert rules_ahead_of_hooks(kernel, owns) == {
+        "FORWARD": ["-j ACCEPT", '-m comment --comment "x -j hostfw-FORWARD" -j LOG']}

@@ -80,6 +80,12 @@ def effects(result: Trace) -> list[tuple[str, str]]:
     return [(step.chain, step.effect) for step in result.steps]
 
 
+def profiles(result: Trace) -> list[str]:
+    """The profile chains a trace went through, in order (their names are digests)."""
+    return list(dict.fromkeys(s.chain for s in result.steps
+                              if s.chain.startswith(("hostfw-pi", "hostfw-pe"))))
+
+
 def test_policy_parsed_cleanly() -> None:
     assert POLICY.errors == ()
 
@@ -93,10 +99,17 @@ def test_allowed_tcp_port_is_accepted_through_the_group_chain_and_the_mark() -> 
     assert result.verdict == ACCEPT
     assert result.reason == "accepted in filter/hostfw-sg-chain (both ends passed)"
     steps = effects(result)
+    egress, ingress = profiles(result)
+    assert egress.startswith("hostfw-pe4-") and ingress.startswith("hostfw-pi4-")
     i = steps.index(("hostfw-gi4-sg-web", "go to hostfw-accept"))
+    assert steps[i - 5:i] == [("hostfw-iweb", f"go to {ingress}"),
+                              (ingress, "jump to hostfw-common-i4"),
+                              ("hostfw-common-i4", "mark is now 0x0"),
+                              ("hostfw-common-i4", f"end of chain, back to {ingress}"),
+                              (ingress, "jump to hostfw-gi4-sg-web")]
     assert steps[i + 1:i + 4] == [("hostfw-accept", "mark is now 0x1000000"),
-                                  ("hostfw-accept", "end of chain, back to hostfw-iweb"),
-                                  ("hostfw-iweb", "RETURN to hostfw-sg-chain")]
+                                  ("hostfw-accept", f"end of chain, back to {ingress}"),
+                                  (ingress, "RETURN to hostfw-sg-chain")]
     returned = result.steps[i + 3].rule or ""
     assert "-m mark --mark 0x1000000/0x1000000" in returned
     # The group rule that allowed it is the one for port 80.
@@ -106,8 +119,9 @@ def test_allowed_tcp_port_is_accepted_through_the_group_chain_and_the_mark() -> 
 def test_closed_port_is_dropped_by_the_fallback() -> None:
     result, _ = probe("tapweb", "tcp", src="10.0.0.3", dport=81)
     assert result.verdict == DROP
-    assert effects(result)[-3:] == [("hostfw-gi4-sg-web", "end of chain, back to hostfw-iweb"),
-                                    ("hostfw-iweb", "jump to hostfw-sg-fallback"),
+    ingress = profiles(result)[-1]
+    assert effects(result)[-3:] == [("hostfw-gi4-sg-web", f"end of chain, back to {ingress}"),
+                                    (ingress, "jump to hostfw-sg-fallback"),
                                     ("hostfw-sg-fallback", DROP)]
     assert "default drop for unmatched traffic" in result.reason
 
@@ -134,20 +148,47 @@ def test_remote_group_member_is_accepted_and_a_non_member_dropped() -> None:
     assert probe("tapweb", "tcp", src="10.0.0.50", dport=5432)[0].verdict == DROP
 
 
-def test_spoofed_source_is_dropped_in_the_spoof_chain() -> None:
+def test_spoofed_source_is_dropped_by_the_port_chain() -> None:
     honest, _ = probe("tapweb", "udp", direction="egress", dst="10.0.0.3", dport=9999)
     assert honest.verdict == DROP  # sg-client does not open 9999, but the spoof check passed
-    assert ("hostfw-sweb", "RETURN to hostfw-oweb") in effects(honest)
+    assert "allowed IP and MAC pair" in (honest.steps[effects(honest).index(
+        ("hostfw-oweb", f"go to {profiles(honest)[0]}"))].rule or "")
     forged, _ = probe("tapweb", "udp", direction="egress", src="10.0.0.200", dst="10.0.0.3",
                       dport=9999)
     assert forged.verdict == DROP
-    assert (forged.steps[-1].chain, forged.reason) == \
-        ("hostfw-sweb", "dropped in filter/hostfw-sweb (spoofed source)")
+    assert effects(forged)[-2:] == [("hostfw-oweb", "go to hostfw-bad-source4"),
+                                    ("hostfw-bad-source4", DROP)]
+    assert forged.reason == "dropped in filter/hostfw-bad-source4 (spoofed source)"
+    assert profiles(forged) == []  # no group rule, no known session looked at
     wrong_mac, _ = probe("tapweb", "icmp", direction="egress", dst="10.0.0.3",
                          src_mac="fa:16:3e:99:99:99")
-    assert wrong_mac.steps[-1].chain == "hostfw-sweb" and wrong_mac.verdict == DROP
+    assert wrong_mac.steps[-1].chain == "hostfw-bad-source4" and wrong_mac.verdict == DROP
     right_mac, _ = probe("tapweb", "icmp", direction="egress", dst="10.0.0.3")
     assert right_mac.verdict == ACCEPT
+
+
+def test_a_known_session_is_accepted_without_walking_any_group() -> None:
+    """The fast path: after the sender's pair, the shared checks accept it."""
+    reply, _ = probe("tapweb", "tcp", direction="egress", dst="10.0.0.3", sport=80,
+                     dport=40000, ctstate="ESTABLISHED")
+    assert reply.verdict == ACCEPT
+    assert not any(s.chain.startswith(("hostfw-gi", "hostfw-ge")) for s in reply.steps)
+    assert [s.chain for s in reply.steps if "known session" in (s.rule or "")] == \
+        ["hostfw-common-e4", "hostfw-common-i4"]
+    # tcp/81 is open in no group: NEW is dropped, the established reply is not.
+    assert probe("tapclient", "tcp", src="10.0.0.2", dport=81)[0].verdict == DROP
+    assert probe("tapclient", "tcp", src="10.0.0.2", dport=81,
+                 ctstate="ESTABLISHED")[0].verdict == ACCEPT
+
+
+def test_a_forged_known_session_stops_at_the_senders_pairs() -> None:
+    """outsider forges client's address on client's established flow to web."""
+    forged, _ = probe("tapweb", "tcp", src="10.0.0.3", dport=80, peer="tapoutsider",
+                      ctstate="ESTABLISHED")
+    assert forged.verdict == DROP
+    assert effects(forged)[-2:] == [("hostfw-ooutsider", "go to hostfw-bad-source4"),
+                                    ("hostfw-bad-source4", DROP)]
+    assert not any("known session" in (s.rule or "") for s in forged.steps)
 
 
 def test_ipv6_neighbour_discovery_is_allowed_and_echo_is_not() -> None:
@@ -161,7 +202,10 @@ def test_ipv6_neighbour_discovery_is_allowed_and_echo_is_not() -> None:
     from_client, _ = probe("tapweb", "icmp", src=client_ll, dst="ff02::1:ff00:2",
                            icmp_type=135, peer="tapclient")
     assert from_client.verdict == ACCEPT
-    assert ("hostfw-sclient", "RETURN to hostfw-oclient") in effects(from_client)
+    assert effects(from_client)[6:8] == [("hostfw-from", "go to hostfw-oclient"),
+                                         ("hostfw-oclient",
+                                          f"go to {profiles(from_client)[0]}")]
+    assert "-s fe80::" in (from_client.steps[7].rule or "")
     echo, packet = probe("tapweb", "icmp", src="fd00::77")
     assert (packet.proto, packet.icmp_type, echo.verdict) == ("ipv6-icmp", 128, DROP)
 

@@ -1,0 +1,89 @@
+"""The raw table: NOTRACK of stateless ports stays scoped to the port.
+
+Why: a stateless port once put `-d <address> -j CT --notrack` in raw
+PREROUTING and OUTPUT with no bridge, device or zone match. An allowed
+address pair 0.0.0.0/0 then untracked every IPv4 packet of the node (and
+iptables-save prints that rule without `-d 0.0.0.0/0`, so the table never
+matched what was written), and a tenant reusing the address on another
+bridge lost its return traffic. The kernel side is in
+tests/reliability/test_hostile_policy.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.compiler import Settings, Snapshot, compile_ruleset
+from agent.model import parse_policy
+
+STATELESS = [{"direction": "ingress", "protocol": "tcp", "port_range_min": 22,
+              "stateful": False},
+             {"direction": "egress", "stateful": False}]
+STATEFUL = [{"direction": "ingress", "protocol": "tcp", "port_range_min": 22}]
+
+
+def port(pid: str, ip: str, group: str, **extra: Any) -> dict[str, Any]:
+    return {"id": pid, "device": f"tap{pid}", "mac_address": "fa:16:3e:00:00:01",
+            "fixed_ips": [ip], "security_groups": [group], **extra}
+
+
+def raw_rules(ports: list[dict[str, Any]], bridges: dict[str, str],
+              family: int = 4) -> dict[str, tuple[str, ...]]:
+    policy = parse_policy({"security_groups": {"sl": STATELESS, "sf": STATEFUL},
+                           "ports": ports})
+    assert policy.errors == ()
+    zones = {b: 4097 + i for i, b in enumerate(sorted(set(bridges.values())))}
+    snap = Snapshot(policy, frozenset(bridges), Settings(), bridges, zones)
+    return dict(compile_ruleset(snap).ruleset.tables[(family, "raw")].chains)
+
+
+def head(rule: str) -> str:
+    """The addresses and interfaces before the comment."""
+    return rule.split("-m comment")[0].strip()
+
+
+def notrack(chains: dict[str, tuple[str, ...]]) -> list[str]:
+    return [r for rules in chains.values() for r in rules if r.endswith("-j CT --notrack")]
+
+
+def test_every_notrack_rule_names_the_port_or_its_bridge() -> None:
+    chains = raw_rules([port("s", "10.0.0.5", "sl"), port("t", "10.0.0.6", "sf")],
+                       {"taps": "brA", "tapt": "brA"})
+    assert notrack(chains) == [
+        r for r in notrack(chains) if "--physdev-in taps " in r or " -i brA " in r or
+        " -o brA " in r]
+    pre, out = chains["hostfw-PREROUTING"], chains["hostfw-OUTPUT"]
+    assert [head(r) for r in pre if "notrack" in r] == ["", "-d 10.0.0.5/32 -i brA"]
+    assert [head(r) for r in out if "notrack" in r] == ["-d 10.0.0.5/32 -o brA"]
+    assert any(r.startswith("-i brA ") and "--zone 4097" in r for r in pre)
+
+
+def test_a_wide_allowed_address_pair_untracks_nothing_but_the_port_itself() -> None:
+    """0.0.0.0/0 (and ::/0, and any network wider than a host) gets no
+    destination rule: only the port's own sends (physdev-in) and its host
+    addresses on its bridge are untracked."""
+    pairs = [{"ip_address": "0.0.0.0/0"}, {"ip_address": "192.168.0.0/16"},
+             {"ip_address": "10.9.9.9"}, {"ip_address": "::/0"}]
+    ports = [port("s", "10.0.0.5", "sl", allowed_address_pairs=pairs)]
+    for family in (4, 6):
+        rules = notrack(raw_rules(ports, {"taps": "brA"}, family))
+        assert all("--physdev-in taps " in r or " -i brA " in r or " -o brA " in r
+                   for r in rules), rules
+        assert not any("/0 " in r or "/16 " in r for r in rules), rules
+    assert sorted(head(r) for r in notrack(raw_rules(ports, {"taps": "brA"}))
+                  ) == ["", "-d 10.0.0.5/32 -i brA", "-d 10.0.0.5/32 -o brA",
+                        "-d 10.9.9.9/32 -i brA", "-d 10.9.9.9/32 -o brA"]
+
+
+def test_a_reused_address_on_another_bridge_stays_tracked() -> None:
+    chains = raw_rules([port("s", "10.0.0.5", "sl"), port("t", "10.0.0.5", "sf")],
+                       {"taps": "brA", "tapt": "brB"})
+    assert not any("brB" in r for r in notrack(chains))
+    assert any(r.startswith("-i brB ") and r.endswith("-j CT --zone 4098")
+               for r in chains["hostfw-PREROUTING"])
+
+
+def test_a_stateless_port_off_any_bridge_untracks_only_its_own_sends() -> None:
+    rules = notrack(raw_rules([port("s", "10.0.0.5", "sl")], {"taps": ""}))
+    assert [head(r) for r in rules] == [""]
+    assert "-m physdev --physdev-in taps" in rules[0]
