@@ -72,9 +72,9 @@ CONVERGE_TIMEOUT = 60.0
 START_BATCH = 10               # agents started together, then waited for
 EGRESS = [{"direction": "egress", "ethertype": "IPv4"},
           {"direction": "egress", "ethertype": "IPv6"}]
-PULLED_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[.,]\d{3}) .*?pulled (\d+) devices "
-                       r"in ([\d.]+) s")
-RELOAD_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*reload \(file changed\): "
+PULLED_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[.,]\d{3}) .*?pulled (\d+) devices?"
+                       r"(?: \([a-z]+\))? in ([\d.]+) s")
+RELOAD_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[.,]\d{3}) .*reload \(file changed\): "
                        r".*load ([\d.]+) ms, diff\+swap ([\d.]+) ms, casts ([\d.]+) ms")
 
 
@@ -145,7 +145,7 @@ def controller_reload(controller: ControllerProcess, since: float) -> dict[str, 
         match = RELOAD_RE.match(line)
         if not match:
             continue
-        stamp = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        stamp = _stamp(match.group(1))
         if stamp >= since - 0.001:
             return {"logged_after_write_s": round(stamp - since, 4),
                     "load_ms": float(match.group(2)), "diff_swap_ms": float(match.group(3)),
