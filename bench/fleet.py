@@ -184,7 +184,15 @@ class FleetNode:
 
     def build(self) -> None:
         """The node namespace, both VMs plugged, the 8 taps."""
-        topo = self.topology = Topology(subnet4=self.subnet4, subnet6=self.subnet6)
+        for attempt in range(3):
+            try:
+                topo = self.topology = Topology(subnet4=self.subnet4, subnet6=self.subnet6)
+                break
+            except subprocess.CalledProcessError:
+                # Namespace names carry 2 random bytes: among 100 nodes of one process a
+                # clash happens in a few runs in a hundred. A new Topology draws anew.
+                if attempt == 2:
+                    raise
         topo.add_vm("client", port_id=self.client_id, mac=self.macs[0], ipv4=self.client_ip,
                     ipv6=f"fd00:251:{self.index:x}::2")
         topo.add_vm("server", port_id=self.server_id, mac=self.macs[1], ipv4=self.server_ip,
