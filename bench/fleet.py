@@ -316,10 +316,11 @@ def _wait_agents(nodes: list[FleetNode], timeout: float) -> None:
 
 
 def converge(broker: Broker, sizes: list[int], workdir: Path,
-             backend: str = "iptables-legacy") -> dict[str, Any]:
+             backend: str = "iptables-legacy", rpc_workers: int = 0) -> dict[str, Any]:
     """Part 1: per-agent convergence after one rule change, for each fleet size."""
     result: dict[str, Any] = {
         "backend": backend, "ports_per_agent": PORTS_PER_NODE,
+        "controller_rpc_workers": rpc_workers,
         "probe": f"first UDP datagram through (its kernel receive time), client VM -> server "
                  f"VM on each node, one sent every {PROBE_INTERVAL * 1000:.0f} ms; timed from "
                  f"the rename of the controller's file",
@@ -329,6 +330,8 @@ def converge(broker: Broker, sizes: list[int], workdir: Path,
     with ExitStack() as cleanup:
         cleanup.callback(_close_nodes, nodes)
         controller = ControllerProcess(workdir, broker.url, fleet_policy(nodes, opened))
+        with open(controller.conf_path, "a", encoding="utf-8") as conf:
+            conf.write(f"rpc_workers = {rpc_workers}\n")   # the file ends in [controller]
         cleanup.callback(controller.stop)
         controller.start()
         controller.wait_serving(timeout=60)
