@@ -36,22 +36,13 @@ from agent import config, version_line
 from agent.controller.diff import diff
 from agent.controller.endpoint import SecurityGroupInfo, Snapshot
 from agent.controller.notifier import AgentNotifier
-from agent.controller.watch import FileWatcher
 from agent.controller.workers import AnswerWorkers
 from agent.sources import rpc_api
-from agent.sources.policy_file import PolicyFileError, load_policy_text
+from agent.sources.filewatch import FileWatcher
+from agent.sources.policy_file import PolicyFileError, PolicyLoader
 
 LOG = logging.getLogger("hostfw.controller")
 STOP_TIMEOUT = 3.0
-# Belongs in agent/config.py's CONTROLLER_OPTS; registered here until it moves there.
-RPC_WORKERS_OPT = cfg.IntOpt(
-    "rpc_workers", default=0, min=0,
-    help="Processes that answer security_group_info_for_devices, besides the one that "
-         "watches the file and sends notifications (0: that one answers too). One "
-         "process answers on one core; use as many as the cores you can spare when "
-         "hundreds of agents pull at once.")
-
-
 class Controller:
     """The policy in force, the q-plugin server and the notifier."""
 
@@ -59,6 +50,7 @@ class Controller:
                  workers: AnswerWorkers | None = None) -> None:
         self.path: str = conf.controller.policy_file
         self.snapshot = Snapshot()
+        self._loader = PolicyLoader()   # unchanged objects are reused, not parsed again
         self.notifier = AgentNotifier(transport)
         self.workers = workers
         self.server = None if workers else messaging.get_rpc_server(
@@ -74,7 +66,7 @@ class Controller:
     def load(self) -> Snapshot:
         """Read and parse the file; raises OSError or PolicyFileError."""
         with open(self.path, encoding="utf-8") as handle:
-            policy = load_policy_text(handle.read(), self.path)
+            policy = self._loader.load(handle.read(), self.path)
         for error in policy.errors:
             LOG.warning("policy file %s: %s", self.path, error)
         return Snapshot.of(policy)
@@ -115,10 +107,6 @@ class Controller:
 def parse_args(argv: list[str] | None) -> cfg.ConfigOpts:
     conf = cfg.CONF   # oslo.messaging needs the global object (see rpc_api)
     config.register_opts(conf)
-    try:
-        conf.register_opt(RPC_WORKERS_OPT, group="controller")
-    except cfg.DuplicateOptError:
-        pass
     config.set_log_defaults(conf)   # oslo.log, as the agent: stderr, --debug, log_file
     conf(argv, project="hostfw", prog="hostfw-controller",
          version=version_line("hostfw-controller"),

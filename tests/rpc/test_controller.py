@@ -18,16 +18,16 @@ import yaml
 from oslo_config import cfg
 from oslo_messaging.rpc.dispatcher import ExpectedException
 
-from agent.controller import watch
 from agent.controller.diff import Notifications, diff
 from agent.controller.endpoint import SecurityGroupInfo, Snapshot, build_reply
 from agent.controller.main import size_reply_pool
 from agent.controller.notifier import AgentNotifier
-from agent.controller.watch import FileWatcher
 from agent.controller.wire import plain
 from agent.controller.workers import AnswerWorkers
 from agent.model import parse_net, parse_port
+from agent.sources import filewatch as watch
 from agent.sources import rpc_api
+from agent.sources.filewatch import FileWatcher
 from agent.sources.policy_file import load_policy_text
 from agent.sources.rpc_cache import policy_from_replies
 from tests.rpc.broker import Broker
