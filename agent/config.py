@@ -111,8 +111,13 @@ CONTROLLER_OPTS = [
                help="hostfw-controller's source of truth (same format as the standalone "
                     "policy file)."),
     cfg.FloatOpt("watch_interval", default=0.2, min=0.01,
-                 help="Seconds between checks of policy_file for changes (SIGHUP "
-                      "reloads at once)."),
+                 help="Seconds between stat checks of policy_file for changes, behind "
+                      "inotify (which reports a rewrite at once; SIGHUP reloads at once)."),
+    cfg.IntOpt("rpc_workers", default=0, min=0,
+               help="Processes that answer security_group_info_for_devices, besides the "
+                    "one that watches the file and sends notifications (0: that one "
+                    "answers too). One process answers on one core; use as many as the "
+                    "cores you can spare when hundreds of agents pull at once."),
 ]
 
 RPC_OPTS = [

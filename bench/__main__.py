@@ -13,6 +13,9 @@ Sections, each run per backend and recorded even when another fails:
             programmed (bench/datapath.py);
 - peer:     Neutron's driver, live when its venv is at hand, else its earlier
             figures, quoted (bench/peer.py);
+- fleet:    N real agents on one broker and controller converging after one
+            rule change, and 1,000 simulated agents' pull storm against the
+            controller (bench/fleet.py);
 - e2e:      what users see: the real agent, standalone and RPC, with the taps
             present, from the operator's action to the first packet that shows
             it, and cold start against the restore floor (bench/e2e.py).
@@ -49,8 +52,8 @@ def _csv_ints(text: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run")
-    ap.add_argument("--sections", default="engine,agent,datapath,e2e",
-                    help="comma list of engine, agent, datapath, e2e")
+    ap.add_argument("--sections", default="engine,agent,datapath,e2e,fleet",
+                    help="comma list of engine, agent, datapath, e2e, fleet")
     ap.add_argument("--backends", default="",
                     help="comma list (default: iptables-legacy, iptables-nft, and iptc "
                          "when agent/dataplane/iptc_backend.py exists)")
@@ -81,6 +84,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--e2e-trigger", choices=("auto", "write", "sighup"), default="auto",
                     help="standalone: a bare write, write + SIGHUP, or auto (SIGHUP only "
                          "when a bare write is not seen)")
+    ap.add_argument("--fleet-sizes", type=_csv_ints, default=[10, 50, 100],
+                    help="real agents in the fleet convergence runs")
+    ap.add_argument("--fleet-storm-agents", type=int, default=1000)
+    ap.add_argument("--fleet-storm-rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--report-only", action="store_true",
                     help="re-judge and re-plot OUT/latest.json")
@@ -95,6 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.neutron_sizes = [10]
         args.e2e_sizes, args.e2e_repeats, args.e2e_repeats_large = [10, 1000], 3, 2
         args.e2e_cold = 2
+        args.fleet_sizes, args.fleet_storm_rounds = [10], 1
     return args
 
 
@@ -214,6 +222,22 @@ def run_datapath(run: Run, backends: list[str] | None) -> None:
         run.checkpoint()
 
 
+def run_fleet(run: Run, backends: list[str] | None) -> None:
+    from bench import fleet
+
+    backend = next((b for b in backends or [] if b != "iptc"), "iptables-legacy")
+    run.say(f"fleet {backend}: agents {run.args.fleet_sizes}, storm of "
+            f"{run.args.fleet_storm_agents} simulated agents x {run.args.fleet_storm_rounds}")
+    res = run.results["fleet"] = run.guarded("fleet", lambda: fleet.bench_fleet(
+        run.args.fleet_sizes, run.args.fleet_storm_agents, run.args.fleet_storm_rounds, backend))
+    for size, sized in res.get("converge", {}).get("sizes", {}).items():
+        run.say(f"  {size} agents: convergence p50 {sized['p50_s']} s, p99 {sized['p99_s']} s")
+    for key, storm in res.items():
+        if key.startswith("storm") and "p99_s" in storm:
+            run.say(f"  {key}: answer p50 {storm['p50_s']} s, p99 {storm['p99_s']} s")
+    run.checkpoint()
+
+
 def run_peer(run: Run) -> None:
     from bench import peer, workloads
 
@@ -308,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     run.say(f"work dir {run.work}; load {run.results['load']['start']}")
     run_peer(run)
     for name, fn in (("engine", run_engine), ("agent", run_agent),
-                     ("datapath", run_datapath), ("e2e", run_e2e)):
+                     ("datapath", run_datapath), ("e2e", run_e2e), ("fleet", run_fleet)):
         if name in sections:
             run.results["load"][f"{name}_start"] = report.loadavg()
             fn(run, backends)

@@ -33,6 +33,10 @@ RULE_S = 0.050
 MEMBER_S = 0.010
 PPS_RATIO = 0.8
 RSS_MB = 150.0
+# Issue 12's fleet goals.
+FLEET_AGENTS = 100
+FLEET_P99_S = 1.0
+STORM_P99_S = 1.0
 
 
 # ---------------------------------------------------------------- machine and versions
@@ -195,6 +199,7 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows += _agent_rows(results.get("agent", {}))
     rows += _datapath_rows(results.get("datapath", {}))
     rows += e2e_report.rows(results.get("e2e", {}))
+    rows += _fleet_rows(results.get("fleet", {}))
     return rows
 
 
@@ -258,6 +263,50 @@ def _datapath_rows(datapath: dict[str, Any]) -> list[dict[str, Any]]:
                          _spread(res["programmed"][high]["received_pps"]),
                          note=f"{got_high:,.0f} vs {got_low:,.0f} pps; no rules at all "
                               f"{base:,.0f} pps"))
+    return rows
+
+
+def _fleet_rows(fleet: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    what = "fleet: agents converge after one rule change (file write -> first packet), p99"
+    converge = fleet.get("converge", {})
+    if "error" in converge or "error" in fleet:
+        rows.append(_row(what, "fleet", "-", None, "s", f"p99 <= {FLEET_P99_S:g} s", False,
+                         note=(converge.get("error") or fleet["error"])[:200]))
+    for size, res in sorted(converge.get("sizes", {}).items(), key=lambda kv: int(kv[0])):
+        p99 = res.get("p99_s")
+        judged = int(size) == FLEET_AGENTS
+        met = p99 is not None and p99 <= FLEET_P99_S and not res["not_converged"]
+        reload = res.get("controller_reload") or {}
+        pull = (res.get("agents_logged") or {}).get("pull_took_s")
+        rows.append(_row(what, f"{size} agents x 10 ports", converge.get("backend", "-"), p99,
+                         "s", f"p99 <= {FLEET_P99_S:g} s at {FLEET_AGENTS}" if judged
+                         else "(measure)", met if judged else None,
+                         _spread(res.get("convergence_s")),
+                         note=f"p50 {_fmt(res.get('p50_s'), 's')}; {res['not_converged']} not "
+                              f"converged; controller reload logged "
+                              f"{_fmt(reload.get('logged_after_write_s'), 's')} after the write; "
+                              f"agents' pulls took {_fmt(median(pull), 's')} (p50)"))
+    what = "fleet: 1,000 simulated agents pull 10 devices each at once, controller answer p99"
+    for key, storm in sorted(fleet.items()):
+        if not key.startswith("storm"):
+            continue
+        workers = storm.get("controller_rpc_workers", key.rpartition("_")[2])
+        label = f"rpc_workers={workers}" if key != "storm" else "rpc_workers=0"
+        if "error" in storm:
+            rows.append(_row(what, "storm", label, None, "s", f"p99 <= {STORM_P99_S:g} s", False,
+                             note=storm["error"][:200]))
+            continue
+        p99 = storm.get("p99_s")
+        failed = sum(r["failed_count"] for r in storm["rounds"])
+        cpu = storm["rounds"][-1].get("cpu_s", {}) if storm["rounds"] else {}
+        rows.append(_row(what, f"{storm['policy']['ports']} ports", label, p99, "s",
+                         f"p99 <= {STORM_P99_S:g} s", p99 is not None and p99 <= STORM_P99_S
+                         and not failed,
+                         note=f"p50 {_fmt(storm.get('p50_s'), 's')}; worst of "
+                              f"{len(storm['rounds'])} storms; {failed} failed; CPU s in the "
+                              f"last: controller {cpu.get('controller')}, broker "
+                              f"{cpu.get('broker')}, clients {cpu.get('simulated_agents')}"))
     return rows
 
 

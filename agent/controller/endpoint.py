@@ -16,7 +16,9 @@ Rules of this room:
    (`network:*`) ports out because its agents handle them elsewhere; hostfw's
    agent has no such path, so they are served like any port.
 3. Each call reads one `Snapshot` (swapped whole on reload), so a reply is
-   consistent even while the file is being reloaded.
+   consistent even while the file is being reloaded. The snapshot carries
+   the reply parts of its version (answers.py), so a call only assembles
+   them: O(devices + their groups).
 4. `get_devices_details_list` answers as ML2 does for the fields the agent
    reads (device_owner, port_id): one entry per known device, `{"device":
    name}` for one it does not know. The agent asks it about devices the
@@ -36,8 +38,8 @@ from typing import Any
 
 import oslo_messaging as messaging
 
-from agent.controller.wire import members_to_wire, port_to_wire, rule_to_wire
-from agent.model import ETHERTYPES, Invalid, Policy, Port, parse_device
+from agent.controller.answers import Answers, PortPart
+from agent.model import Invalid, Policy, Port, parse_device
 from agent.sources import rpc_api
 
 LOG = logging.getLogger(__name__)
@@ -53,11 +55,13 @@ class Snapshot:
     by_device: dict[str, Port] = field(default_factory=dict)
     ids: tuple[str, ...] = ()           # sorted, for prefix search
     by_id: dict[str, Port] = field(default_factory=dict)
+    answers: Answers = field(default_factory=lambda: Answers(Policy()), compare=False)
 
     @classmethod
     def of(cls, policy: Policy) -> Snapshot:
         by_id = {p.id: p for p in policy.ports}
-        return cls(policy, {p.device: p for p in policy.ports}, tuple(sorted(by_id)), by_id)
+        return cls(policy, {p.device: p for p in policy.ports}, tuple(sorted(by_id)), by_id,
+                   Answers(policy))
 
     def port_for(self, device: str) -> Port | None:
         """The port behind a device name, as Neutron's get_ports_from_devices finds it."""
@@ -77,47 +81,35 @@ class Snapshot:
 
 
 def build_reply(snap: Snapshot, devices: Iterable[str]) -> dict[str, Any]:
-    """Neutron's security_group_info_for_devices reply for these devices."""
-    policy = snap.policy
-    ports: dict[str, tuple[str, Port]] = {}
+    """Neutron's security_group_info_for_devices reply for these devices.
+
+    Assembled from the snapshot's memoised parts (agent/controller/answers.py):
+    O(devices + their groups) per call.
+    """
+    answers = snap.answers
+    devices_out: dict[str, dict[str, Any]] = {}
+    parts: list[PortPart] = []
     for device in devices:
         port = snap.port_for(device)
         if port is not None:
-            ports[port.id] = (device, port)
-    group_ids = list(dict.fromkeys(g for _, p in ports.values() for g in p.security_groups))
+            devices_out[port.id], part = answers.port(port, device)
+            parts.append(part)
+    group_ids = dict.fromkeys(g for p in devices_out.values() for g in p["security_groups"])
     remote_groups: dict[str, set[str]] = {}      # remote group -> ethertypes used
     remote_addresses: dict[str, set[str]] = {}   # address group -> ethertypes used
-    devices_out = {}
-    for port_id, (device, port) in ports.items():
-        sources: list[str] = []
-        address_groups: list[str] = []
-        for rule in [r for g in port.security_groups for r in policy.groups.get(g, ())] + \
-                list(port.security_group_rules):
-            if rule.remote_group_id:
-                remote_groups.setdefault(rule.remote_group_id, set()).add(rule.ethertype)
-                sources.append(rule.remote_group_id)
-            if rule.remote_address_group_id:
-                remote_addresses.setdefault(rule.remote_address_group_id,
-                                            set()).add(rule.ethertype)
-                address_groups.append(rule.remote_address_group_id)
-        devices_out[port_id] = {
-            **port_to_wire(port, device),
-            "security_group_source_groups": list(dict.fromkeys(sources)),
-            "security_group_remote_address_groups": list(dict.fromkeys(address_groups)),
-        }
+    for part in parts:
+        for group, ethertype in part.remote_groups:
+            remote_groups.setdefault(group, set()).add(ethertype)
+        for group, ethertype in part.address_groups:
+            remote_addresses.setdefault(group, set()).add(ethertype)
     members: dict[str, dict[str, list[list[str | None]]]] = {}
     for group, ethertypes in remote_groups.items():
-        by_family = policy.members.get(group, {})
-        members[group] = {e: members_to_wire(by_family.get(ETHERTYPES[e], ()))
-                          for e in sorted(ethertypes)}
+        members[group] = {e: answers.members(group, e) for e in sorted(ethertypes)}
     for group, ethertypes in remote_addresses.items():
-        cidrs = policy.address_groups.get(group, ())
-        members[group] = {e: members_to_wire(c for c in cidrs if _family(c) == ETHERTYPES[e])
-                          for e in sorted(ethertypes)}
+        members[group] = {e: answers.address_members(group, e) for e in sorted(ethertypes)}
     return {
         "devices": devices_out,
-        "security_groups": {g: [rule_to_wire(r) for r in policy.groups.get(g, ())]
-                            for g in group_ids},
+        "security_groups": {g: answers.rules(g) for g in group_ids},
         "sg_member_ips": members,
     }
 
@@ -130,7 +122,7 @@ def device_details(snap: Snapshot, devices: Iterable[str]) -> list[dict[str, Any
         if port is None:
             out.append({"device": device})
             continue
-        wire = port_to_wire(port, device)
+        wire, _ = snap.answers.port(port, device)
         out.append({
             "device": device, "port_id": port.id, "network_id": port.network_id,
             "mac_address": port.mac_address, "admin_state_up": True,
@@ -140,10 +132,6 @@ def device_details(snap: Snapshot, devices: Iterable[str]) -> list[dict[str, Any
             "port_security_enabled": port.port_security_enabled,
         })
     return out
-
-
-def _family(cidr: str) -> int:
-    return 6 if ":" in cidr else 4
 
 
 class SecurityGroupInfo:

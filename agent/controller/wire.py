@@ -24,7 +24,15 @@ NEAR_SIDE = {"ingress": "dest_ip_prefix", "egress": "source_ip_prefix"}
 
 
 def plain(net: str) -> str:
-    """`10.0.0.5/32` -> `10.0.0.5`; other networks stay CIDRs."""
+    """`10.0.0.5/32` -> `10.0.0.5`; other networks stay CIDRs.
+
+    Host networks (most members) are cut as strings: the model's networks
+    are canonical (`agent.model.parse_net`), so the address part already is
+    what ipaddress would print, at a fraction of the cost.
+    """
+    address, _, length = net.partition("/")
+    if length == ("128" if ":" in address else "32"):
+        return address
     network = ipaddress.ip_network(net)
     if network.prefixlen == network.max_prefixlen:
         return str(network.network_address)

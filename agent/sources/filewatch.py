@@ -1,45 +1,52 @@
-"""Notice at once that a file was written whole, through inotify (stat polling as a net).
+"""Notice that the policy file changed, or that SIGHUP asked for a reload.
 
 Rules of this room:
 
-1. Leading edge without half-read files: the watch is on the file's
-   directory, for `IN_CLOSE_WRITE` (a writer closed the file) and
-   `IN_MOVED_TO` (an atomic rename put a complete file in place). Neither
-   fires mid-write, so the reload runs the moment the file is whole, with
-   no settle time.
-2. A slow `os.stat` poll (`poll_interval`) backs inotify up: it catches
-   what inotify cannot see (a file on a network filesystem, a bind mount
-   replaced) and runs alone where inotify is unavailable. A change seen by
-   stat alone is loaded once it held still between two looks.
-3. Every reload runs on this one thread, so reloads never overlap and the
-   newest read always wins; `request` (SIGHUP, resync) is signal-safe.
+1. Leading edge: a change is loaded as soon as it is noticed and the file
+   is known to be complete, not after a fixed delay. Changes that arrive
+   while a reload runs are gathered into the next one (one more reload,
+   however many writes there were).
+2. Never load a file caught mid-write: the loader could see valid YAML with
+   half the ports (a real outage). The file counts as complete when
+   - inotify's last word on it is "closed after writing" or "renamed into
+     place" (an atomic replace), or
+   - nothing has touched it for `SETTLE` seconds: its identity held still
+     that long while we watched, or its ctime is that old (every write
+     moves ctime, and utimes cannot set it back).
+   Until then the watcher waits, waking at once on the next event.
+3. The file's identity (device, inode, size, mtime, ctime) is also polled
+   every `[controller] watch_interval`: `os.stat` is cheap and covers what
+   inotify misses (no inotify, a symlink swapped elsewhere, lost events).
+4. The identity is taken before the file is read, so a write that lands
+   during a reload is seen as a change and loaded next.
+5. Every reload runs on this thread, so reloads never overlap; `request`
+   (SIGHUP) only bumps a counter and writes a byte to a pipe (signal safe).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import logging
 import os
 import select
-import struct
 import threading
+import time
 from collections.abc import Callable
 
-LOG = logging.getLogger(__name__)
+from agent.sources.inotify import (
+    IN_ATTRIB,
+    IN_CLOSE_WRITE,
+    IN_CREATE,
+    IN_MODIFY,
+    IN_MOVED_TO,
+    IN_Q_OVERFLOW,
+    EntryWatch,
+)
 
-IN_CLOSE_WRITE = 0x00000008
-IN_MOVED_TO = 0x00000080
-IN_CREATE = 0x00000100
-IN_DELETE = 0x00000200
-IN_NONBLOCK = 0o4000
-IN_CLOEXEC = 0o2000000
-EVENT_HEADER = struct.Struct("iIII")   # wd, mask, cookie, len
+SETTLE = 0.05   # seconds a changed file must hold still when no event says it is complete
 Identity = tuple[int, int, int, int, int] | None
+DONE, BUSY = "done", "busy"   # what the last inotify event says of the file
 
 
 def identity(path: str) -> Identity:
-    """What changes when the file's content or inode changes."""
     try:
         st = os.stat(path)
     except OSError:
@@ -47,99 +54,115 @@ def identity(path: str) -> Identity:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-class _Inotify:
-    """The three inotify calls we need, through libc; raises OSError if unavailable."""
-
-    def __init__(self, directory: str) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        if fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
-        self.fd = fd
-        mask = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE
-        if libc.inotify_add_watch(fd, os.fsencode(directory), mask) < 0:
-            err = ctypes.get_errno()
-            os.close(fd)
-            raise OSError(err, f"inotify_add_watch {directory} failed")
-
-    def names(self) -> list[tuple[int, str]]:
-        """(mask, name) of every queued event."""
-        out = []
-        try:
-            data = os.read(self.fd, 64 * 1024)
-        except BlockingIOError:
-            return out
-        offset = 0
-        while offset + EVENT_HEADER.size <= len(data):
-            _, mask, _, length = EVENT_HEADER.unpack_from(data, offset)
-            offset += EVENT_HEADER.size
-            name = data[offset:offset + length].split(b"\0", 1)[0]
-            offset += length
-            out.append((mask, os.fsdecode(name)))
-        return out
-
-    def close(self) -> None:
-        os.close(self.fd)
+def event_state(state: str | None, masks: list[int]) -> str | None:
+    """The file's state after these events: DONE, BUSY or None (not known)."""
+    for mask in masks:
+        if mask & IN_Q_OVERFLOW:
+            state = None
+        elif mask & (IN_CLOSE_WRITE | IN_MOVED_TO):
+            state = DONE
+        elif mask & (IN_MODIFY | IN_CREATE):
+            state = BUSY
+        elif not mask & IN_ATTRIB:   # deleted or moved away; a chmod changes nothing
+            state = None
+    return state
 
 
-class FileWatch(threading.Thread):
-    """Calls `reload(reason)` on this thread when `path` was rewritten, or on `request`."""
+class FileWatcher(threading.Thread):
+    """Calls `reload(reason)` on this thread after a change or a `request`."""
 
-    def __init__(self, path: str, reload: Callable[[str], None],
-                 poll_interval: float = 1.0) -> None:
-        super().__init__(name="policy-watch", daemon=True)
-        self.path = os.path.abspath(path)
-        self.poll_interval = poll_interval
+    def __init__(self, path: str, interval: float, reload: Callable[[str], None]) -> None:
+        super().__init__(name="watch", daemon=True)
+        self.path = path
+        self.interval = interval
         self._reload = reload
-        self._seen = identity(self.path)   # taken before the first load: nothing is missed
-        self._candidate = self._seen       # a stat-only change waits to hold still
-        self._asked: str | None = None
-        self._lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe()
-        self._stopping = threading.Event()
-        try:
-            self._inotify: _Inotify | None = _Inotify(os.path.dirname(self.path))
-        except OSError as exc:
-            LOG.warning("no inotify for %s (%s); polling every %.1f s", self.path, exc,
-                        poll_interval)
-            self._inotify = None
+        self._notify = EntryWatch.open(path)   # before the first load, so no change is missed
+        self._seen = identity(path)
+        self._state: str | None = None
+        self._reason = "SIGHUP"
+        self._requests = 0   # bumped by request(); only this thread reads it
+        self._answered = 0
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
-    def request(self, reason: str) -> None:
+    @property
+    def uses_inotify(self) -> bool:
+        return self._notify is not None
+
+    def request(self, reason: str = "SIGHUP") -> None:
         """Reload soon even if the file looks unchanged (signal-handler safe)."""
-        self._asked = reason
-        os.write(self._wake_w, b"x")
+        self._reason = reason
+        self._requests += 1   # a counter, not a flag: a request can never be cleared unseen
+        self._wake()
 
     def stop(self) -> None:
-        self._stopping.set()
-        os.write(self._wake_w, b"x")
+        self._stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass   # already woken (pipe full), or the thread has ended
 
     def run(self) -> None:
-        fds = [self._wake_r] + ([self._inotify.fd] if self._inotify else [])
-        name = os.path.basename(self.path)
         try:
-            while not self._stopping.is_set():
-                ready, _, _ = select.select(fds, [], [], self.poll_interval)
-                if self._stopping.is_set():
-                    return
-                reason = None
-                if self._wake_r in ready:
-                    os.read(self._wake_r, 4096)
-                    reason, self._asked = self._asked, None
-                if self._inotify and self._inotify.fd in ready:
-                    if any(n == name and mask & (IN_CLOSE_WRITE | IN_MOVED_TO)
-                           for mask, n in self._inotify.names()):
-                        reason = reason or "file changed"
-                now = identity(self.path)
-                if reason is None and now != self._seen:
-                    # Seen by stat alone: reload once it held still between two looks.
-                    if now == self._candidate:
-                        reason = "file changed (stat)"
-                    self._candidate = now
-                if reason is not None:
-                    self._seen = self._candidate = now
-                    self._reload(reason)
-        finally:
-            if self._inotify:
-                self._inotify.close()
+            self._loop()
+        finally:   # the write end stays open: a late request() must not hit a reused fd
+            if self._notify is not None:
+                self._notify.close()
             os.close(self._wake_r)
-            os.close(self._wake_w)
+
+    def _loop(self) -> None:
+        while not self._wait(self.interval):
+            requests = self._requests
+            asked, self._answered = requests != self._answered, requests
+            now = identity(self.path)
+            if not asked and now == self._seen:
+                self._state = None   # events about what is loaded already say nothing new
+                continue
+            if now != self._seen:
+                complete = self._complete(now)
+                if complete is False:
+                    return
+                now = complete
+            self._seen = now
+            self._state = None   # the next change needs its own "complete" event
+            self._reload(self._reason if asked else "file changed")
+
+    def _complete(self, now: Identity) -> Identity | bool:
+        """Wait until the file is complete (rule 2); its identity then, False when stopping."""
+        still_since = time.monotonic()
+        while True:
+            self._absorb()
+            if self._state == DONE or now is None:
+                return now
+            quiet = time.monotonic() - still_since
+            if self._state != BUSY:   # a writer that has not closed the file may write more
+                quiet = max(quiet, (time.time_ns() - now[4]) / 1e9)
+            if quiet >= SETTLE:
+                return now
+            if self._wait(SETTLE - quiet):
+                return False
+            later = identity(self.path)
+            if later != now:
+                now, still_since = later, time.monotonic()
+
+    def _wait(self, timeout: float) -> bool:
+        """Sleep until an event, a request or `timeout`; True when stopping."""
+        fds = [self._wake_r] + ([self._notify.fileno()] if self._notify else [])
+        if not self._stopping:
+            readable, _, _ = select.select(fds, [], [], max(timeout, 0.0))
+            if self._wake_r in readable:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            if len(readable) > (self._wake_r in readable):
+                self._absorb()
+        return self._stopping
+
+    def _absorb(self) -> None:
+        """Read the queued inotify events into `_state`."""
+        if self._notify is not None:
+            self._state = event_state(self._state, self._notify.read())

@@ -13,8 +13,9 @@ Rules of this room:
    1,000-port file is one port validated again, and the compiler's memos see
    identical objects everywhere else. Only good objects are remembered: a
    bad one is checked again on every read, so its error is always reported.
-3. The agent notices a rewrite itself (`agent.sources.filewatch`: inotify,
-   stat as a net), as well as on SIGHUP (`reload`) and `agent-ctl resync`.
+3. The agent notices a rewrite itself (`agent.sources.filewatch`, shared
+   with hostfw-controller: inotify, stat as a net, never a half-written
+   file), as well as on SIGHUP (`reload`) and `agent-ctl resync`.
    Every read runs on the watch thread, in order, so an older read can never
    overwrite a newer one.
 """
@@ -42,7 +43,7 @@ from agent.model import (
     parse_port,
 )
 from agent.sources.base import Deliver, PolicySource
-from agent.sources.filewatch import FileWatch
+from agent.sources.filewatch import FileWatcher
 
 LOG = logging.getLogger(__name__)
 V = TypeVar("V")
@@ -50,6 +51,7 @@ V = TypeVar("V")
 # seconds on a 1,000-port file.
 YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 Members = dict[str, dict[int, frozenset[str]]]
+WATCH_INTERVAL = 1.0   # seconds between stat polls; inotify reports rewrites at once
 
 
 class PolicyFileError(RuntimeError):
@@ -223,7 +225,7 @@ class PolicyFileSource(PolicySource):
         self._deliver: Deliver | None = None
         self._loader = PolicyLoader()
         self._lock = threading.Lock()   # one read at a time, delivered in order
-        self._watch = FileWatch(path, self._reload)
+        self._watch = FileWatcher(path, WATCH_INTERVAL, self._reload)
         self.last_error: str | None = None
 
     def start(self, deliver: Deliver) -> None:

@@ -1,25 +1,37 @@
-"""hostfw-controller's pieces without a broker: reply, device mapping, diff, casts, watch."""
+"""hostfw-controller's pieces: reply, device mapping, diff, casts, watch; without a
+broker, except the answer workers' test at the end (the `broker` fixture)."""
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import oslo_messaging as messaging
 import pytest
 import yaml
+from oslo_config import cfg
 from oslo_messaging.rpc.dispatcher import ExpectedException
 
 from agent.controller.diff import Notifications, diff
 from agent.controller.endpoint import SecurityGroupInfo, Snapshot, build_reply
+from agent.controller.main import size_reply_pool
 from agent.controller.notifier import AgentNotifier
-from agent.controller.watch import FileWatcher
-from agent.model import parse_port
+from agent.controller.wire import plain
+from agent.controller.workers import AnswerWorkers
+from agent.model import parse_net, parse_port
+from agent.sources import filewatch as watch
 from agent.sources import rpc_api
+from agent.sources.filewatch import FileWatcher
 from agent.sources.policy_file import load_policy_text
 from agent.sources.rpc_cache import policy_from_replies
+from tests.rpc.broker import Broker
+from tests.rpc.stack import ControllerProcess, notifier_transport, wait_for
 from tests.support.agent import tool
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "hostfw" / "policy.example.yaml"
@@ -110,6 +122,59 @@ def test_endpoint_refuses_a_malformed_request_and_skips_bad_names() -> None:
     reply = endpoint.security_group_info_for_devices(
         {}, devices=["tapweb1", "bad name", 7], call_version="1.3")
     assert [p["device"] for p in reply["devices"].values()] == ["tapweb1"]
+
+
+def test_reply_parts_are_built_once_per_policy_version() -> None:
+    """Replies of one version share their parts; `device` is each request's own."""
+    policy = load(example())
+    snap = Snapshot.of(policy)
+    first = build_reply(snap, ["tapweb1", "tapdb1"])
+    second = build_reply(snap, ["tapdb1", "tap6f1c2a4e-00"])
+    assert first["security_groups"]["sg-db"] is second["security_groups"]["sg-db"]
+    assert first["sg_member_ips"]["sg-web"]["IPv4"] is second["sg_member_ips"]["sg-web"]["IPv4"]
+    db = policy.ports[2].id
+    assert first["devices"][db] == second["devices"][db]
+    web1 = policy.ports[0].id
+    assert first["devices"][web1]["device"] == "tapweb1"
+    fresh = build_reply(snap, ["tapweb1"])
+    assert fresh["devices"][web1] is not first["devices"][web1]
+    fresh["devices"][web1]["device"] = "changed by a caller"
+    assert build_reply(snap, ["tapweb1"])["devices"][web1]["device"] == "tapweb1"
+    fresh = build_reply(Snapshot.of(policy), ["tapdb1"])   # a new version builds its own
+    assert fresh == build_reply(snap, ["tapdb1"])
+    assert fresh["security_groups"]["sg-db"] is not first["security_groups"]["sg-db"]
+
+
+def test_a_new_version_answers_with_its_own_rules() -> None:
+    raw = example()
+    old = Snapshot.of(load(raw))
+    build_reply(old, ["tapdb1"])
+    raw["security_groups"]["sg-db"].pop()
+    new = build_reply(Snapshot.of(load(raw)), ["tapdb1"])
+    assert len(new["security_groups"]["sg-db"]) == len(raw["security_groups"]["sg-db"])
+    assert len(build_reply(old, ["tapdb1"])["security_groups"]["sg-db"]) == \
+        len(raw["security_groups"]["sg-db"]) + 1
+
+
+def test_concurrent_first_replies_equal_sequential_ones() -> None:
+    """Many RPC threads filling one fresh version's memo at once all get whole answers."""
+    policy = load(example())
+    requests = [["tapweb1"], ["tapdb1"], ["tapweb1", "tapweb2", "tapdb1"], ["tapweb2"]] * 16
+    expected = [build_reply(Snapshot.of(policy), r) for r in requests]
+    snap = Snapshot.of(policy)
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda r: build_reply(snap, r), requests))
+    assert got == expected
+
+
+@pytest.mark.parametrize("net", ["10.0.0.5/32", "10.0.0.0/24", "0.0.0.0/0", "2001:db8::1/128",
+                                 "2001:db8::/64", "::/0", "::ffff:10.0.0.5/128"])
+def test_plain_cuts_host_networks_as_ipaddress_would(net: str) -> None:
+    net = parse_net(net, "member")   # the model's canonical form, all the wire ever sees
+    network = ipaddress.ip_network(net)
+    want = str(network.network_address if network.prefixlen == network.max_prefixlen
+               else network)
+    assert plain(net) == want
 
 
 # ---------------------------------------------------------------- diff and casts
@@ -204,6 +269,92 @@ def test_watcher_reloads_on_change_and_on_request(tmp_path: Path) -> None:
     assert reasons == ["file changed", "SIGHUP"]
 
 
+class Reloads:
+    """A FileWatcher whose reloads record what the file held when they read it."""
+
+    def __init__(self, path: Path, interval: float) -> None:
+        self.path = path
+        self.seen: list[str] = []
+        self.done = threading.Semaphore(0)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.watcher = FileWatcher(str(path), interval, self._reload)
+
+    def _reload(self, reason: str) -> None:
+        self.gate.wait(30)
+        self.seen.append(self.path.read_text())
+        self.done.release()
+
+    def __enter__(self) -> Reloads:
+        self.watcher.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.gate.set()
+        self.watcher.stop()
+        self.watcher.join(5)
+
+
+def replace_file(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def test_watcher_acts_on_an_atomic_replace_at_once(tmp_path: Path) -> None:
+    """Leading edge: the rename is the notice, not the next poll (an hour away here)."""
+    path = tmp_path / "policy.yaml"
+    path.write_text("ports: []\n")
+    with Reloads(path, interval=3600) as reloads:
+        assert reloads.watcher.uses_inotify
+        replace_file(path, "ports: []\nsecurity_groups: {}\n")
+        assert reloads.done.acquire(timeout=10)
+    assert reloads.seen == ["ports: []\nsecurity_groups: {}\n"]
+
+
+def test_watcher_never_reads_a_file_its_writer_still_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half a file stays unread while its writer holds it; its close is read at once."""
+    monkeypatch.setattr(watch, "SETTLE", 3600.0)   # only the writer's close may end the wait
+    path = tmp_path / "policy.yaml"
+    path.write_text("ports: []\n")
+    whole = "security_groups:\n  sg-a: []\n  sg-b: []\n"
+    with Reloads(path, interval=0.01) as reloads:
+        with open(path, "w", encoding="utf-8") as writer:
+            writer.write(whole[:20])
+            writer.flush()
+            assert not reloads.done.acquire(timeout=0.5)
+            writer.write(whole[20:])
+        assert reloads.done.acquire(timeout=10)
+    assert reloads.seen == [whole]
+
+
+def test_watcher_polls_where_inotify_is_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch.EntryWatch, "open", classmethod(lambda cls, path: None))
+    path = tmp_path / "policy.yaml"
+    path.write_text("ports: []\n")
+    with Reloads(path, interval=0.01) as reloads:
+        assert not reloads.watcher.uses_inotify
+        replace_file(path, "ports: []\nsecurity_groups: {}\n")
+        assert reloads.done.acquire(timeout=10)
+    assert reloads.seen == ["ports: []\nsecurity_groups: {}\n"]
+
+
+def test_watcher_gathers_changes_made_during_a_reload_into_one(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("ports: []\n")
+    with Reloads(path, interval=3600) as reloads:
+        reloads.gate.clear()
+        replace_file(path, "v: 1\n")          # starts a reload, held at the gate
+        for version in range(2, 6):
+            replace_file(path, f"v: {version}\n")
+        reloads.gate.set()
+        assert reloads.done.acquire(timeout=10) and reloads.done.acquire(timeout=10)
+        assert not reloads.done.acquire(timeout=0.3)
+    assert reloads.seen[-1] == "v: 5\n" and len(reloads.seen) == 2
+
+
 def test_controller_refuses_to_start_without_its_file(tmp_path: Path) -> None:
     conf = tmp_path / "c.conf"
     conf.write_text(f"[controller]\npolicy_file = {tmp_path}/missing.yaml\n")
@@ -213,5 +364,90 @@ def test_controller_refuses_to_start_without_its_file(tmp_path: Path) -> None:
     assert "missing.yaml" in proc.stderr.splitlines()[-1]
 
 
+@pytest.mark.parametrize("default, rabbit, expected", [
+    ("", "", 64),                                   # oslo's 64 threads: 64 connections
+    ("executor_thread_pool_size = 16\n", "", 16),
+    ("", "rpc_conn_pool_size = 10\n", 10),          # the operator's own setting wins
+])
+def test_every_rpc_thread_gets_a_reply_connection_unless_configured(
+        tmp_path: Path, default: str, rabbit: str, expected: int) -> None:
+    conf_file = tmp_path / "c.conf"
+    conf_file.write_text(f"[DEFAULT]\n{default}[oslo_messaging_rabbit]\n{rabbit}")
+    conf = cfg.ConfigOpts()
+    conf(["--config-file", str(conf_file)], default_config_files=[])
+    size_reply_pool(conf)
+    assert conf.oslo_messaging_rabbit.rpc_conn_pool_size == expected
+
+
 def test_sg_info_version_is_neutrons() -> None:
     assert (rpc_api.SG_INFO_VERSION, SecurityGroupInfo.target.version) == ("1.3", "1.3")
+
+
+# ---------------------------------------------------------------- answer workers
+
+def test_a_dead_answer_worker_is_replaced_and_gets_the_policy_in_force(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"[DEFAULT]\ntransport_url = fake://\n"
+                    f"[controller]\npolicy_file = {tmp_path}/unused.yaml\n")
+    workers = AnswerWorkers(2, ["--config-file", str(conf)])
+    try:
+        workers.publish(load(example()))
+        first, second = workers.workers
+        first.proc.kill()
+        first.proc.wait()
+        workers.publish(load(example()))
+        assert workers.workers[0] is not first and workers.workers[1] is second
+        assert all(w.proc.poll() is None for w in workers.workers)
+        assert "did not take policy version 2" in caplog.text
+    finally:
+        workers.stop()
+    assert all(w.proc.returncode is not None for w in (first, second))
+
+
+# ---------------------------------------------------------------- answer workers (broker)
+
+def test_answer_workers_serve_the_new_policy_before_the_casts(broker: Broker,
+                                                              tmp_path: Path) -> None:
+    """With rpc_workers, every pull an agent makes on a notification gets the new version."""
+    raw = example()
+    controller = ControllerProcess(tmp_path, broker.url, raw)
+    with open(controller.conf_path, "a", encoding="utf-8") as conf:
+        conf.write("rpc_workers = 2\n")   # the file ends in [controller]
+    transport = notifier_transport(broker.url)
+    heard = threading.Event()
+
+    class Listener:
+        target = messaging.Target(version=rpc_api.SG_NOTIFY_VERSION)
+
+        def security_groups_rule_updated(self, context: Any, **kwargs: Any) -> None:
+            heard.set()
+
+    listener = messaging.get_rpc_server(transport, messaging.Target(
+        topic=rpc_api.SG_TOPIC, server=f"test-{os.getpid()}", fanout=True), [Listener()])
+    client = messaging.get_rpc_client(transport, messaging.Target(
+        topic=rpc_api.PLUGIN_TOPIC, version="1.0")).prepare(version="1.3", timeout=30)
+
+    def sg_db_rules(_: object = None) -> int:
+        reply = client.call(rpc_api.admin_context(), rpc_api.SG_INFO_METHOD,
+                            devices=["tapdb1"], call_version="1.3")
+        return len(reply["security_groups"]["sg-db"])
+
+    try:
+        controller.start()
+        wait_for(lambda: controller.log().count("answering security_group_info_for_devices")
+                 == 2, 60, "two answer workers", controller.log)
+        listener.start()
+        before = len(raw["security_groups"]["sg-db"])
+        assert sg_db_rules() == before
+        raw["security_groups"]["sg-db"].pop()
+        controller.write_policy(raw)
+        assert heard.wait(30), controller.log()
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(sg_db_rules, range(16))) == {before - 1}
+    finally:
+        listener.stop()
+        listener.wait()
+        transport.cleanup()
+        controller.stop()
+    assert "did not take policy version" not in controller.log()
