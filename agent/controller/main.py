@@ -34,7 +34,7 @@ from oslo_messaging import opts as messaging_opts
 
 from agent import config, version_line
 from agent.controller.diff import diff
-from agent.controller.endpoint import SecurityGroupInfo, Snapshot
+from agent.controller.endpoint import AgentReports, SecurityGroupInfo, Snapshot
 from agent.controller.notifier import AgentNotifier
 from agent.controller.workers import AnswerWorkers
 from agent.sources import rpc_api
@@ -43,6 +43,8 @@ from agent.sources.policy_file import PolicyFileError, PolicyLoader
 
 LOG = logging.getLogger("hostfw.controller")
 STOP_TIMEOUT = 3.0
+
+
 class Controller:
     """The policy in force, the q-plugin server and the notifier."""
 
@@ -56,6 +58,11 @@ class Controller:
         self.server = None if workers else messaging.get_rpc_server(
             transport, messaging.Target(topic=rpc_api.PLUGIN_TOPIC, server=conf.host),
             [SecurityGroupInfo(lambda: self.snapshot)])
+        # Agents configured for Neutron heartbeat on q-reports-plugin; hear them,
+        # so they do not time out against hostfw-controller.
+        self.reports = messaging.get_rpc_server(
+            transport, messaging.Target(topic=rpc_api.REPORTS_TOPIC, server=conf.host),
+            [AgentReports()])
 
     def serve(self, snapshot: Snapshot) -> None:
         """Put `snapshot` in force: here, and in every worker before this returns."""
@@ -172,18 +179,20 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     signal.signal(signal.SIGHUP, lambda *_: watcher.request("SIGHUP"))
-    server_thread = None
-    if controller.server is not None:
-        server_thread = threading.Thread(target=_serve, args=(controller.server,),
-                                         name="rpc-server", daemon=True)
-        server_thread.start()
+    servers = [(s, what) for s, what in (
+        (controller.server, f"{rpc_api.SG_INFO_METHOD} on {rpc_api.PLUGIN_TOPIC}"),
+        (controller.reports, f"report_state on {rpc_api.REPORTS_TOPIC}")) if s is not None]
+    started = [threading.Thread(target=_serve, args=pair, name="rpc-server", daemon=True)
+               for pair in servers]
+    for thread in started:
+        thread.start()
     watcher.start()
     while not stopping.wait(1.0):
         pass
     watcher.stop()
     if workers is not None:
         workers.stop()
-    closer = threading.Thread(target=_close, args=(controller.server, server_thread, transport),
+    closer = threading.Thread(target=_close, args=([s for s, _ in servers], started, transport),
                               name="rpc-stop", daemon=True)
     closer.start()
     closer.join(STOP_TIMEOUT)
@@ -191,16 +200,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _serve(server: messaging.MessageHandlingServer) -> None:
+def _serve(server: messaging.MessageHandlingServer, what: str) -> None:
     server.start()   # blocks until the broker answers
-    LOG.info("answering %s on %s", rpc_api.SG_INFO_METHOD, rpc_api.PLUGIN_TOPIC)
+    LOG.info("answering %s", what)
 
 
-def _close(server: messaging.MessageHandlingServer | None, started: threading.Thread | None,
+def _close(servers: list[messaging.MessageHandlingServer], started: list[threading.Thread],
            transport: messaging.Transport) -> None:
-    if server is not None and started is not None:
-        started.join()
+    for thread in started:
+        thread.join()
+    for server in servers:
         server.stop()
+    for server in servers:
         server.wait()
     transport.cleanup()
 

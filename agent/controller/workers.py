@@ -175,8 +175,9 @@ def serve(argv: list[str]) -> int:
             break
         current[0] = Snapshot.of(pickle.loads(payload))   # from our own parent only
         if not started:   # answer only once a policy is in force
-            threading.Thread(target=controller_main._serve, args=(server,), name="rpc-server",
-                             daemon=True).start()
+            threading.Thread(target=controller_main._serve, name="rpc-server", daemon=True,
+                             args=(server, f"{rpc_api.SG_INFO_METHOD} on "
+                                           f"{rpc_api.PLUGIN_TOPIC}")).start()
             started = True
         stdout.write(f"serving {version}\n".encode())
         stdout.flush()
