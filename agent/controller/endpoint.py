@@ -145,34 +145,31 @@ class SecurityGroupInfo:
     @messaging.expected_exceptions(ValueError)
     def security_group_info_for_devices(self, context: Any, **kwargs: Any) -> dict[str, Any]:
         """Answer one chunk; a malformed request is refused with ValueError."""
-        devices = kwargs.get("devices")
-        if not isinstance(devices, list) or len(devices) > MAX_DEVICES:
-            LOG.warning("refused security_group_info_for_devices: devices is not a list "
-                        "of at most %d names", MAX_DEVICES)
-            raise ValueError("devices must be a list of device names")
-        names = []
-        for device in devices:
-            try:
-                names.append(parse_device(device, "device"))
-            except Invalid as exc:
-                LOG.warning("security_group_info_for_devices: %s; left out", exc)
-        return build_reply(self._current(), names)
+        return build_reply(self._current(),
+                           requested_devices(kwargs, "security_group_info_for_devices"))
 
     @messaging.expected_exceptions(ValueError)
     def get_devices_details_list(self, context: Any, **kwargs: Any) -> list[dict[str, Any]]:
         """ML2's device details (rule 4); a malformed request is refused with ValueError."""
-        devices = kwargs.get("devices")
-        if not isinstance(devices, list) or len(devices) > MAX_DEVICES:
-            LOG.warning("refused get_devices_details_list: devices is not a list of at most "
-                        "%d names", MAX_DEVICES)
-            raise ValueError("devices must be a list of device names")
-        names = []
-        for device in devices:
-            try:
-                names.append(parse_device(device, "device"))
-            except Invalid as exc:
-                LOG.warning("get_devices_details_list: %s; left out", exc)
-        return device_details(self._current(), names)
+        return device_details(self._current(),
+                              requested_devices(kwargs, "get_devices_details_list"))
+
+
+def requested_devices(kwargs: dict[str, Any], method: str) -> list[str]:
+    """The request's device names: not a list (or too long) is refused with ValueError,
+    a bad name is logged and left out."""
+    devices = kwargs.get("devices")
+    if not isinstance(devices, list) or len(devices) > MAX_DEVICES:
+        LOG.warning("refused %s: devices is not a list of at most %d names", method,
+                    MAX_DEVICES)
+        raise ValueError("devices must be a list of device names")
+    names = []
+    for device in devices:
+        try:
+            names.append(parse_device(device, "device"))
+        except Invalid as exc:
+            LOG.warning("%s: %s; left out", method, exc)
+    return names
 
 
 class AgentReports:

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from agent import netns
 from agent.compiler import Snapshot, compile_ruleset
 from agent.compiler.names import Names
 from agent.dataplane.engine import Engine
@@ -23,6 +22,7 @@ from agent.dataplane.restore_backend import RestoreBackend
 from agent.model import parse_policy
 from agent.sources.policy_file import derive_members
 from tests.support.agent import assert_root_clean
+from tests.support.in_netns import call_in_netns
 from tests.support.topology import NS_PREFIX, run, run_in
 
 pytestmark = pytest.mark.kernel
@@ -76,23 +76,11 @@ class Writer:
         self.engine: Engine | None = None
 
     def call(self, fn: Callable[[Engine], Any]) -> Any:
-        box: dict[str, Any] = {}
-
-        def body() -> None:
-            try:
-                netns.enter(self.ns)
-                if self.engine is None:
-                    self.engine = Engine(make_backend(self.mode), Names(), (4, 6))
-                box["value"] = fn(self.engine)
-            except BaseException as exc:  # re-raised in the test thread
-                box["error"] = exc
-
-        thread = threading.Thread(target=body)
-        thread.start()
-        thread.join(120)
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
+        def body() -> Any:
+            if self.engine is None:
+                self.engine = Engine(make_backend(self.mode), Names(), (4, 6))
+            return fn(self.engine)
+        return call_in_netns(self.ns, body)
 
     def save(self, family: int = 4) -> str:
         tool = SAVE[self.mode] + "-save"

@@ -9,13 +9,11 @@ the daemon's writer does. What is left is read back with `conntrack -L`.
 from __future__ import annotations
 
 import shutil
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from agent import netns
 from agent.compiler import Snapshot, compile_ruleset
 from agent.compiler.flows import FlowCut
 from agent.compiler.names import Names
@@ -25,6 +23,7 @@ from agent.dataplane.engine import Engine
 from agent.dataplane.restore_backend import RestoreBackend
 from agent.model import parse_policy
 from tests.conformance.helpers import EGRESS_ALL, PASS, TcpSession, ingress, port_of
+from tests.support.in_netns import call_in_netns
 from tests.support.topology import Topology, serve, tcp_connect
 
 pytestmark = [pytest.mark.kernel,
@@ -36,21 +35,7 @@ ZONE = 4097
 
 def in_ns(ns: str, fn: Callable[[], Any]) -> Any:
     """Run `fn` in a thread inside `ns`, like the daemon's writer thread."""
-    box: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            netns.enter(ns)
-            box["value"] = fn()
-        except BaseException as exc:  # re-raised in the test thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=body)
-    thread.start()
-    thread.join(60)
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    return call_in_netns(ns, fn, timeout=60)
 
 
 def insert(topo: Topology, proto: str, src: str, dst: str, *args: str,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +29,6 @@ from typing import Any
 
 import pytest
 
-from agent import netns
 from agent.compiler import Settings, Snapshot, compile_ruleset
 from agent.compiler.names import Names
 from agent.dataplane.engine import Engine
@@ -39,6 +37,7 @@ from agent.model import parse_policy
 from agent.sources.policy_file import derive_members
 from tests.reliability.support import vm_port
 from tests.support.agent import AgentProcess, assert_root_clean
+from tests.support.in_netns import call_in_netns
 from tests.support.topology import VM, Topology, serve, tcp_connect
 
 pytestmark = pytest.mark.kernel
@@ -221,23 +220,11 @@ def test_a_group_of_70000_members_lands_with_the_default_settings(
 
 def run_in_writer(ns: str, fn: Callable[[Engine], Any], engine: list[Engine]) -> Any:
     """`fn(engine)` on a thread inside `ns`, as the daemon's writer runs it."""
-    box: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            netns.enter(ns)
-            if not engine:
-                engine.append(Engine(RestoreBackend("iptables-legacy"), Names(), (4,)))
-            box["value"] = fn(engine[0])
-        except BaseException as exc:  # re-raised in the test thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=body)
-    thread.start()
-    thread.join(120)
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    def body() -> Any:
+        if not engine:
+            engine.append(Engine(RestoreBackend("iptables-legacy"), Names(), (4,)))
+        return fn(engine[0])
+    return call_in_netns(ns, body)
 
 
 def compiled(raw: dict[str, Any], limit: int) -> Any:

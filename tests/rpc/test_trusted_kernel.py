@@ -12,14 +12,12 @@ daemon's writer does, and probed with real packets.
 from __future__ import annotations
 
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from agent import netns
 from agent.compiler import Settings, Snapshot, compile_ruleset
 from agent.compiler.names import Names
 from agent.dataplane.engine import Engine
@@ -27,6 +25,7 @@ from agent.dataplane.restore_backend import RestoreBackend
 from agent.model import Policy, parse_policy
 from tests.conformance.helpers import FAIL, PASS, connect, spoof_send
 from tests.support.agent import assert_root_clean
+from tests.support.in_netns import call_in_netns
 from tests.support.topology import VM, Topology, kernel_skip_reason, serve
 
 pytestmark = pytest.mark.kernel
@@ -34,21 +33,7 @@ pytestmark = pytest.mark.kernel
 
 def in_node(topo: Topology, fn: Callable[[], Any]) -> Any:
     """Run `fn` in a thread that entered the node namespace, as the daemon's writer."""
-    box: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            netns.enter(topo.node.ns)
-            box["value"] = fn()
-        except BaseException as exc:  # re-raised in the test thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=body)
-    thread.start()
-    thread.join(60)
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    return call_in_netns(topo.node.ns, fn, timeout=60)
 
 
 @pytest.fixture(scope="module")
