@@ -59,7 +59,7 @@ from agent import netns
 from bench.agent_bench import APPLIED_RE
 from bench.sandbox import add_taps
 from bench.stats import summary
-from tests.rpc.broker import Broker, skip_reason
+from tests.rpc.broker import Broker, running_broker, skip_reason
 from tests.rpc.stack import ControllerProcess, RpcAgentProcess
 from tests.support.topology import Topology
 
@@ -587,12 +587,8 @@ def private_broker() -> Iterator[Broker]:
     reason = skip_reason()
     if reason:
         raise RuntimeError(reason)
-    broker = Broker()
-    try:
-        broker.setup()
+    with running_broker() as broker:
         yield broker
-    finally:
-        broker.teardown()
 
 
 def bench_fleet(sizes: list[int], storm_hosts: int, storm_rounds: int,

@@ -27,6 +27,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tests.support.topology import pid_alive
 
@@ -147,3 +149,14 @@ def stop_leftovers() -> list[str]:
             _ctl("-n", node, "stop", check=False)
             stopped.append(node)
     return stopped
+
+
+@contextmanager
+def running_broker() -> Iterator[Broker]:
+    """A started private node, torn down on exit whatever happened."""
+    broker = Broker()
+    try:
+        broker.setup()
+        yield broker
+    finally:
+        broker.teardown()

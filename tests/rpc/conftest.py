@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.rpc.broker import Broker, skip_reason
+from tests.rpc.broker import Broker, running_broker, skip_reason
 from tests.rpc.stack import ControllerProcess, RpcAgentProcess, Stack, base_policy
 from tests.support.agent import assert_root_clean
 from tests.support.topology import Topology
@@ -21,12 +21,8 @@ def broker() -> Iterator[Broker]:
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
-    broker = Broker()
-    try:
-        broker.setup()
+    with running_broker() as broker:
         yield broker
-    finally:
-        broker.teardown()
 
 
 def stop_together(*procs: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
