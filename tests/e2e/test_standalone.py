@@ -8,7 +8,9 @@ Every test also checks that the root namespace's firewall stayed untouched.
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -225,3 +227,27 @@ def test_agent_ctl_reports_a_stopped_agent(tmp_path) -> None:
     proc = agent.ctl("status", check=False)
     assert proc.returncode == 1
     assert "not running" in proc.stderr
+
+
+def test_a_dead_bridge_hook_is_an_error_until_it_is_back(sandbox) -> None:
+    """Issue 14.8: with net.bridge.bridge-nf-call-iptables at 0 in the managed
+    namespace no rule sees bridged traffic; the agent said in sync and ready.
+    It now reports the error (and is not ready) within a second or two, and
+    clears it once the sysctl is back; it does not set it (not configured to)."""
+    if not Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists():
+        pytest.skip("br_netfilter is not loaded")
+    topo, agent = sandbox
+
+    def hook_errors() -> list[str]:
+        return [e for e in agent.status()["errors"] if "bridge-nf-call-iptables" in e]
+
+    assert hook_errors() == []
+    topo.node.run(["sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=0"])
+    try:
+        agent.wait_for(hook_errors, what="the dead hook reported")
+        time.sleep(1.5)
+        value = topo.node.run(["sysctl", "-n", "net.bridge.bridge-nf-call-iptables"])
+        assert value.stdout.strip() == "0"   # reported, never changed
+    finally:
+        topo.node.run(["sysctl", "-q", "-w", "net.bridge.bridge-nf-call-iptables=1"])
+    agent.wait_for(lambda: not hook_errors(), what="the error cleared")
