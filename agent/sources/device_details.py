@@ -17,7 +17,7 @@ Rules of this room:
    its device stays unknown (dropped): a device is trusted only on a
    well-formed entry for a device that was asked for, whose owner starts
    with `network:`.
-2. Ask only about devices the security group pull did not return: a device
+2. Ask only about devices the security group pull did not return (`rpc_cache.unexplained`): a device
    Neutron filters as a port is never trusted (Neutron's own rule), and the
    question stays small.
 3. ML2's `get_device_details` moves a port to BUILD when asked with its
@@ -33,12 +33,12 @@ Rules of this room:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import oslo_messaging as messaging
 
-from agent.model import Invalid, Policy, parse_device, parse_id
+from agent.model import Invalid, parse_device, parse_id
 from agent.sources import rpc_api
 from agent.sources.rpc_messages import MalformedReply
 
@@ -70,18 +70,6 @@ class DeviceDetails:
     def trusted(self) -> frozenset[str]:
         """The devices to let through unfiltered."""
         return frozenset(d.device for d in self.details.values() if d.trusted)
-
-
-def unexplained(devices: Iterable[str], policy: Policy) -> list[str]:
-    """The devices to ask about (rule 2): those no port of the pulled policy has."""
-    ported = {p.device for p in policy.ports}
-    return sorted(set(devices) - ported)
-
-
-def with_trusted(policy: Policy, details: DeviceDetails) -> Policy:
-    """The policy to deliver: its trusted devices set, the entries' errors added."""
-    return replace(policy, trusted_devices=details.trusted,
-                   errors=policy.errors + details.errors)
 
 
 def read_only_host(host: str) -> str:

@@ -20,18 +20,16 @@ import oslo_messaging as messaging
 import pytest
 from oslo_messaging.rpc.dispatcher import ExpectedException
 
-from agent.controller.endpoint import SecurityGroupInfo, Snapshot, device_details
-from agent.model import Policy
+from agent.controller.endpoint import SecurityGroupInfo, Snapshot, build_reply, device_details
 from agent.sources import rpc_api
 from agent.sources.device_details import (
     DeviceDetail,
     fetch_device_details,
     parse_details,
     read_only_host,
-    unexplained,
-    with_trusted,
 )
 from agent.sources.policy_file import load_policy_text
+from agent.sources.rpc_cache import PolicyCache, unexplained
 from agent.sources.rpc_messages import MalformedReply
 from tests.rpc.broker import Broker
 from tests.rpc.stack import notifier_transport
@@ -125,14 +123,18 @@ def snapshot() -> Snapshot:
 
 
 def test_only_devices_without_a_port_are_asked_about_and_trust_joins_the_policy() -> None:
-    policy = load_policy_text(POLICY)
-    assert unexplained([VM_TAP, DHCP_TAP, "tapnobody0000"], policy) == ["tapnobody0000"]
-    pulled = Policy(ports=tuple(p for p in policy.ports if p.id == VM_ID))
-    asked = unexplained([VM_TAP, DHCP_TAP, "tapnobody0000"], pulled)
+    devices = [VM_TAP, DHCP_TAP, "tapnobody0000"]
+    served = build_reply(snapshot(), devices)   # hostfw-controller serves network ports too
+    assert unexplained([(devices, served)]) == ["tapnobody0000"]
+    as_neutron = build_reply(snapshot(), [VM_TAP])   # Neutron leaves network:* out
+    asked = unexplained([(devices, as_neutron)])
     assert asked == [DHCP_TAP, "tapnobody0000"]
     reply = [ml2_entry(DHCP_TAP, DHCP_ID, "network:dhcp"), "junk"]
-    delivered = with_trusted(pulled, parse_details(asked, reply))
-    assert delivered.trusted_devices == {DHCP_TAP} and delivered.ports == pulled.ports
+    cache = PolicyCache()
+    cache.merge([(devices, as_neutron)], full=True, details=parse_details(asked, reply))
+    delivered = cache.policy()
+    assert delivered.trusted_devices == {DHCP_TAP}
+    assert [p.id for p in delivered.ports] == [VM_ID]
     assert len(delivered.errors) == 1 and "entry 1" in delivered.errors[0]
 
 
