@@ -17,9 +17,9 @@ Rules of this room:
    its device stays unknown (dropped): a device is trusted only on a
    well-formed entry for a device that was asked for, whose owner starts
    with `network:`.
-2. Ask only about devices the security group pull did not return (`rpc_cache.unexplained`): a device
-   Neutron filters as a port is never trusted (Neutron's own rule), and the
-   question stays small.
+2. Ask only about devices the security group pull did not return
+   (`rpc_cache.unexplained`): a device Neutron filters as a port is never
+   trusted (Neutron's own rule), and the question stays small.
 3. ML2's `get_device_details` moves a port to BUILD when asked with its
    binding host (or none), as an L2 agent starts wiring it. hostfw wires
    nothing, so it asks with `read_only_host(host)`, a host no port is bound
