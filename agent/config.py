@@ -61,7 +61,7 @@ AGENT_OPTS = [
                  help="RPC mode: seconds between report_state heartbeats to Neutron "
                       "(q-reports-plugin), so that 'openstack network agent list' shows "
                       "this agent alive. Keep it well below Neutron's agent_down_time. "
-                      "0: no heartbeats (hostfw-controller needs none)."),
+                      "0: no heartbeats (hostfw-controller hears them but needs none)."),
 ]
 
 FIREWALL_OPTS = [

@@ -538,8 +538,8 @@ class _CountingBackend:
         self._observer = observer
 
     def save(self, family: int, table: str | None = None) -> str:
-        args = (family, table) if table else (family,)
-        return self._observer.kernel_call("read", _iptables(family), self._inner.save, *args)
+        return self._observer.kernel_call("read", _iptables(family), self._inner.save, family,
+                                          table)
 
     def list_chain(self, family: int, table: str, chain: str) -> str | None:
         return self._observer.kernel_call("read", _iptables(family), self._inner.list_chain,

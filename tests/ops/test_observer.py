@@ -224,7 +224,7 @@ def test_kernel_calls_and_their_errors_are_counted() -> None:
     class Backend:
         mode = "iptc"
 
-        def save(self, family: int) -> str:
+        def save(self, family: int, table: str | None = None) -> str:
             return "# saved"
 
         def commit(self, plan: Any) -> None:
