@@ -113,11 +113,17 @@ class PolicyLoader:
         self._last_members: Members = {}
 
     def load(self, text: str, path: str = "<policy>") -> Policy:
+        """Parse a policy document's text (YAML or JSON)."""
         raw = read_document(text, path)
         try:
-            return self._parse(raw)
+            return self.parse(raw)
         except RecursionError:
             raise PolicyFileError(f"{path}: nested too deeply to be a policy") from None
+
+    def parse(self, raw: Any) -> Policy:
+        """Parse an already decoded document; what this read did not use is forgotten."""
+        try:
+            return self._parse(raw)
         finally:
             for memo in (self._ports, self._groups, self._members, self._addresses,
                          self._derived):
@@ -179,25 +185,36 @@ class PolicyLoader:
 
     def _derive_members(self, ports: Iterable[Port],
                         extra: Mapping[str, Mapping[int, frozenset[str]]]) -> Members:
-        """Group -> family -> networks: every port's addresses in each of its groups.
-
-        A group whose networks are unchanged keeps last read's frozenset object.
-        """
-        acc: dict[str, dict[int, set[str]]] = {}
-        for group, by_family in extra.items():
-            for family, nets in by_family.items():
-                acc.setdefault(group, {}).setdefault(family, set()).update(nets)
-        for port in ports:
-            for group, family, net in self._derived.get(port, lambda p=port: (
-                    _port_members(p), True)):
-                acc.setdefault(group, {}).setdefault(family, set()).add(net)
-        out: Members = {}
-        for group, fams in acc.items():
-            old = self._last_members.get(group, {})
-            out[group] = {f: old[f] if old.get(f) == n else frozenset(n)
-                          for f, n in fams.items()}
+        """`derive_members`, with each port's part remembered; a group whose networks
+        are unchanged keeps last read's frozenset object."""
+        parts = (self._derived.get(port, lambda p=port: (_port_members(p), True))
+                 for port in ports)
+        out = _collect(parts, extra, self._last_members)
         self._last_members = out
         return out
+
+
+def derive_members(ports: Iterable[Port],
+                   extra: Mapping[str, Mapping[int, frozenset[str]]]) -> Members:
+    """Group -> family -> networks: every port's addresses in each of its groups, plus
+    `extra` (the file's sg_member_ips)."""
+    return _collect((_port_members(port) for port in ports), extra, {})
+
+
+def _collect(parts: Iterable[Iterable[tuple[str, int, str]]],
+             extra: Mapping[str, Mapping[int, frozenset[str]]], last: Members) -> Members:
+    acc: dict[str, dict[int, set[str]]] = {}
+    for group, by_family in extra.items():
+        for family, nets in by_family.items():
+            acc.setdefault(group, {}).setdefault(family, set()).update(nets)
+    for part in parts:
+        for group, family, net in part:
+            acc.setdefault(group, {}).setdefault(family, set()).add(net)
+    out: Members = {}
+    for group, fams in acc.items():
+        old = last.get(group, {})
+        out[group] = {f: old[f] if old.get(f) == n else frozenset(n) for f, n in fams.items()}
+    return out
 
 
 def _port_members(port: Port) -> tuple[tuple[str, int, str], ...]:
@@ -207,12 +224,6 @@ def _port_members(port: Port) -> tuple[tuple[str, int, str], ...]:
     fams = [(net, 6 if ":" in net else 4) for net in nets]
     return tuple((group, family, net) for group in port.security_groups
                  for net, family in fams)
-
-
-def derive_members(ports: Iterable[Port],
-                   extra: Mapping[str, Mapping[int, frozenset[str]]]) -> Members:
-    """Group -> family -> networks of `ports` and `extra` (the controller's view too)."""
-    return PolicyLoader()._derive_members(ports, extra)
 
 
 class PolicyFileSource(PolicySource):

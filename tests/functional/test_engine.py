@@ -10,7 +10,6 @@ import importlib.util
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -19,8 +18,7 @@ from agent.compiler import Snapshot, compile_ruleset
 from agent.compiler.names import Names
 from agent.dataplane.engine import Engine
 from agent.dataplane.restore_backend import RestoreBackend
-from agent.model import parse_policy
-from agent.sources.policy_file import derive_members
+from agent.sources.policy_file import PolicyLoader
 from tests.support.agent import assert_root_clean
 from tests.support.in_netns import call_in_netns
 from tests.support.topology import NS_PREFIX, run, run_in
@@ -61,8 +59,7 @@ def policy(n_ports: int = 3, web_rules: list[dict] | None = None) -> dict:
 
 def compiled(raw: dict, devices: int | None = None) -> Any:
     """The ruleset of `raw` as the standalone agent builds it (members derived)."""
-    pol = parse_policy(raw)
-    pol = replace(pol, members=derive_members(pol.ports, pol.members))
+    pol = PolicyLoader().parse(raw)
     devs = frozenset(p.device for p in pol.ports[:devices])
     return compile_ruleset(Snapshot(pol, devs)).ruleset
 

@@ -36,7 +36,7 @@ from agent.dataplane.ipsets import KernelSet, plan_ipsets
 from agent.dataplane.plan import BUILTIN_CHAINS, KernelTable, parse_save, plan_table
 from agent.dataplane.ruleset import Hook, IpSet, Table
 from agent.model import Invalid, Policy, parse_policy
-from agent.sources.policy_file import PolicyFileError, derive_members, load_policy_text
+from agent.sources.policy_file import PolicyFileError, PolicyLoader, load_policy_text
 from tests.unit.test_compiler import walk
 
 # HOSTFW_FUZZ_SCALE=10 fuzzes ten times deeper (a nightly run, or after touching the model).
@@ -210,8 +210,7 @@ def policies(draw: st.DrawFn) -> tuple[dict[str, Any], frozenset[str]]:
 
 def compile_doc(doc: Any, devices: frozenset[str], settings_: Settings | None = None
                 ) -> tuple[Policy, Compiled]:
-    policy = parse_policy(doc)
-    policy = replace(policy, members=derive_members(policy.ports, policy.members))
+    policy = PolicyLoader().parse(doc)
     return policy, compile_ruleset(Snapshot(policy, devices, settings_ or Settings()))
 
 
