@@ -41,7 +41,6 @@ from oslo_log import log as oslo_logging
 from agent import config, netns, version_line
 from agent.admin.server import AdminServer
 from agent.compiler import Compiled, NatSettings, Settings, Snapshot, compile_ruleset, zones
-from agent.compiler.names import Names
 from agent.dataplane.command import KernelWriteError
 from agent.dataplane.engine import ApplyReport, Engine
 from agent.dataplane.restore_backend import RestoreBackend, detect_mode
@@ -54,6 +53,7 @@ from agent.sources.base import PolicySource
 from agent.sources.netlink import DeviceWatcher
 from agent.sources.policy_file import PolicyFileSource
 from agent.state import NodeState
+from agent.vocab.names import Names
 
 if TYPE_CHECKING:
     from agent.sources.report_state import StateReporter

@@ -21,9 +21,10 @@ import logging
 from collections.abc import Callable
 
 from agent.compiler import Compiled, Snapshot
-from agent.compiler.flows import FlowCut, floating_ip_cuts, flows_to_cut
+from agent.compiler.flows import floating_ip_cuts, flows_to_cut
 from agent.compiler.stale_flows import FlowAudit
 from agent.dataplane import flowcut
+from agent.vocab.flows import FlowCut
 
 LOG = logging.getLogger(__name__)
 

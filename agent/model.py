@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import protocols
+from agent.vocab import protocols
 
 # Whitelists, always used with fullmatch: `$` would also match before a trailing
 # newline, and a newline in a name would split an iptables-restore script.

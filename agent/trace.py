@@ -33,13 +33,13 @@ is a target the walker does not model, so the trace stops there.
 from __future__ import annotations
 
 import ipaddress
-import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from agent import protocols
-from agent.dataplane.ruleset import IpSet, Ruleset, Table
 from agent.model import Policy, Port
+from agent.vocab import protocols
+from agent.vocab.rules import IptablesRule, Option
+from agent.vocab.ruleset import IpSet, Ruleset, Table
 
 ACCEPT, DROP, CONTINUE, UNDECIDED = "ACCEPT", "DROP", "CONTINUE", "UNDECIDED"
 
@@ -57,11 +57,9 @@ MAX_RULES = 100_000           # rule evaluations before the walker calls it a lo
 UNPRIVILEGED = (1024, 65535)  # a client's source port when none is given
 ANY_PORT = (0, 65535)
 ECHO_REQUEST = {4: 8, 6: 128}
-IP_FLAGS = frozenset({"-s", "-d", "-i", "-o", "-p", "-f"})
-PORT_MODULES = frozenset({"tcp", "udp", "sctp", "dccp"})
-PORT_PROTOCOLS = PORT_MODULES | {"udplite"}
-ICMP_PROTOCOLS = frozenset({"icmp", "ipv6-icmp"})
-TARGET_FLAGS = frozenset({"-j", "-g"})
+PORT_MODULES = frozenset(protocols.token(n) for n in protocols.MODULE_PROTOCOLS)
+PORT_PROTOCOLS = frozenset(protocols.token(n) for n in protocols.PORT_PROTOCOLS)
+ICMP_PROTOCOLS = frozenset(protocols.token(n) for n in protocols.ICMP_PROTOCOLS)
 
 
 # ---------------------------------------------------------------- values
@@ -147,86 +145,6 @@ def _invert(result: Truth, negated: bool) -> Truth:
     return result if isinstance(result, Unknown) or not negated else not result
 
 
-# ---------------------------------------------------------------- rule text
-
-@dataclass(frozen=True)
-class Option:
-    negated: bool
-    name: str                      # e.g. -s, --dport
-    args: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ParsedRule:
-    text: str
-    ip: tuple[Option, ...]
-    modules: tuple[tuple[str, tuple[Option, ...]], ...]
-    target: str                    # "" when the rule has none (counts only)
-    goto: bool = False
-    target_args: tuple[str, ...] = ()
-
-    @property
-    def comment(self) -> str:
-        """The rule's comment without the leading content hash."""
-        for module, options in self.modules:
-            for option in options:
-                if module == "comment" and option.name == "--comment" and option.args:
-                    head, _, rest = option.args[0].partition(" ")
-                    return rest if len(head) == 8 and rest else option.args[0]
-        return ""
-
-
-def parse_rule(text: str) -> ParsedRule:
-    """Split a rule as iptables-save prints it; ValueError when it is not that shape."""
-    tokens = shlex.split(text)
-    ip: list[Option] = []
-    modules: list[tuple[str, tuple[Option, ...]]] = []
-    i, negated = 0, False
-    while i < len(tokens):
-        token = tokens[i]
-        if token == "!":
-            negated, i = True, i + 1
-        elif token in IP_FLAGS:
-            if token == "-f":
-                ip.append(Option(negated, token, ()))
-                i += 1
-            else:
-                ip.append(Option(negated, token, tuple(tokens[i + 1:i + 2])))
-                i += 2
-            negated = False
-        elif token == "-m" and i + 1 < len(tokens):
-            name = tokens[i + 1]
-            options, i = _module_options(tokens, i + 2)
-            modules.append((name, options))
-        elif token in TARGET_FLAGS and i + 1 < len(tokens):
-            return ParsedRule(text, tuple(ip), tuple(modules), tokens[i + 1], token == "-g",
-                              tuple(tokens[i + 2:]))
-        else:
-            raise ValueError(f"unexpected {token!r}")
-    return ParsedRule(text, tuple(ip), tuple(modules), "")
-
-
-def _module_options(tokens: list[str], i: int) -> tuple[tuple[Option, ...], int]:
-    """The options of one `-m` module starting at tokens[i], and where they end."""
-    options: list[Option] = []
-    negated = False
-    while i < len(tokens) and tokens[i] not in TARGET_FLAGS and tokens[i] != "-m" \
-            and tokens[i] not in IP_FLAGS:
-        token = tokens[i]
-        if token == "!":
-            negated, i = True, i + 1
-            continue
-        if not token.startswith("--"):
-            raise ValueError(f"unexpected {token!r}")
-        j = i + 1
-        while j < len(tokens) and not tokens[j].startswith("--") and tokens[j] != "!" \
-                and tokens[j] not in TARGET_FLAGS and tokens[j] != "-m":
-            j += 1
-        options.append(Option(negated, token, tuple(tokens[i + 1:j])))
-        negated, i = False, j
-    return tuple(options), i
-
-
 # ---------------------------------------------------------------- the walk
 
 class _Undecided(Exception):
@@ -266,8 +184,8 @@ class _Walker:
 
     def _walk(self, table: Table, builtin: str) -> tuple[str, str]:
         """Walk one table from `builtin`: (ACCEPT | DROP | CONTINUE, where it was decided)."""
-        chains: dict[str, tuple[str, ...]] = dict(table.chains)
-        chains[builtin] = tuple(h.spec for h in table.hooks if h.chain == builtin)
+        chains: dict[str, tuple[IptablesRule, ...]] = dict(table.chains)
+        chains[builtin] = tuple(h.rule for h in table.hooks if h.chain == builtin)
         stack: list[tuple[str, int]] = []   # where each -j returns to
         chain, index = builtin, 0
         while True:
@@ -282,11 +200,11 @@ class _Walker:
             self.budget -= 1
             if self.budget < 0:
                 raise _Undecided(f"more than {MAX_RULES} rules evaluated: a loop?")
-            text = rules[index]
+            rule = rules[index]
+            text = rule.text
             try:
-                rule = parse_rule(text)
                 matched = self._matches(rule, builtin)
-            except ValueError as exc:  # a value in the rule that iptables-save would not print
+            except ValueError as exc:  # a value the walker cannot read (not a number, say)
                 raise _Undecided(f"cannot read {table.name}/{chain} rule {text!r}: "
                                  f"{exc}") from None
             if isinstance(matched, Unknown):
@@ -297,7 +215,7 @@ class _Walker:
                 index += 1
                 continue
             where = f"{table.name}/{chain}" + (f" ({rule.comment})" if rule.comment else "")
-            target = rule.target
+            target = rule.target.name
             if target in (ACCEPT, DROP):
                 self._step(table, chain, text, target)
                 return target, where
@@ -309,7 +227,7 @@ class _Walker:
                 self._step(table, chain, text, f"RETURN to {caller}")
                 chain = caller
             elif target in chains:
-                if rule.goto:
+                if rule.target.goto:
                     self._step(table, chain, text, f"go to {target}")
                 else:
                     self._step(table, chain, text, f"jump to {target}")
@@ -327,51 +245,47 @@ class _Walker:
     def _step(self, table: Table, chain: str, rule: str | None, effect: str) -> None:
         self.steps.append(Step(table.name, chain, rule, effect))
 
-    def _extension(self, rule: ParsedRule, table: str, chain: str) -> str:
+    def _extension(self, rule: IptablesRule, table: str, chain: str) -> str:
         """Run a non-terminating target; return what it did."""
-        args = rule.target_args
-        if rule.target == "MARK" and len(args) == 2 and args[0] == "--set-xmark":
-            value, mask = _value_mask(args[1])
+        name, options = rule.target.name, rule.target.options
+        only = options[0] if len(options) == 1 else None
+        if name == "MARK" and only and only.flag == "--set-xmark" and len(only.values) == 1:
+            value, mask = _value_mask(only.values[0])
             self.mark = (self.mark & ~mask & 0xFFFFFFFF) ^ value
             return f"mark is now {self.mark:#x}"
-        if rule.target == "CT" and (args == ("--notrack",) or len(args) == 2 and
-                                    args[0] in ("--zone", "--zone-orig", "--zone-reply")):
+        if name == "CT" and only and (only.flag == "--notrack" or len(only.values) == 1 and
+                                      only.flag in ("--zone", "--zone-orig", "--zone-reply")):
             if self.ct_attached:
                 return "no effect: an earlier CT rule already set this packet's conntrack"
             self.ct_attached = True
-            if args == ("--notrack",):
+            if only.flag == "--notrack":
                 self.ctstate = "UNTRACKED"
                 return "not tracked: conntrack state UNTRACKED"
-            return f"conntrack zone {args[1]}" + ("" if args[0] == "--zone" else
-                                                  f" ({args[0][7:]} direction only)")
-        if rule.target == "":
-            return "no target: counts only"
+            return f"conntrack zone {only.values[0]}" + (
+                "" if only.flag == "--zone" else f" ({only.flag[7:]} direction only)")
         raise _Undecided(f"{table}/{chain} rule {rule.text!r}: target "
-                         f"{' '.join([rule.target, *args])} is neither modelled by trace "
+                         f"{rule.target.render()[3:]} is neither modelled by trace "
                          f"nor a chain of the table")
 
     # ------------------------------------------------------------ matches
 
-    def _matches(self, rule: ParsedRule, builtin: str) -> Truth:
-        return _all([*(self._ip(o) for o in rule.ip),
-                     *(self._module(name, options, builtin) for name, options in rule.modules)])
+    def _matches(self, rule: IptablesRule, builtin: str) -> Truth:
+        return _all([*(_invert(self._ip(flag, value), negated)
+                       for flag, value, negated in rule.header()),
+                     *(self._module(m.module, m.options, builtin) for m in rule.matches)])
 
-    def _ip(self, option: Option) -> Truth:
+    def _ip(self, flag: str, value: str) -> Truth:
         p = self.packet
-        value = option.args[0] if option.args else ""
-        if option.name in ("-s", "-d"):
-            address = ipaddress.ip_address(p.src if option.name == "-s" else p.dst)
-            result: Truth = address in ipaddress.ip_network(value, strict=False)
-        elif option.name in ("-i", "-o"):
-            name = p.in_iface if option.name == "-i" else p.out_iface
-            result = Unknown(f"the packet's {'input' if option.name == '-i' else 'output'} "
-                             f"interface is not known") if name is None \
-                else _iface_match(name, value)
-        elif option.name == "-p":
-            result = protocols.canonical_token(value) == protocols.canonical_token(p.proto)
-        else:
-            result = Unknown(f"{option.name} is not modelled")
-        return _invert(result, option.negated)
+        if flag in ("-s", "-d"):
+            address = ipaddress.ip_address(p.src if flag == "-s" else p.dst)
+            return address in ipaddress.ip_network(value, strict=False)
+        if flag in ("-i", "-o"):
+            name = p.in_iface if flag == "-i" else p.out_iface
+            if name is None:
+                return Unknown(f"the packet's {'input' if flag == '-i' else 'output'} "
+                               f"interface is not known")
+            return _iface_match(name, value)
+        return protocols.canonical_token(value) == protocols.canonical_token(p.proto)
 
     def _module(self, name: str, options: tuple[Option, ...], builtin: str) -> Truth:
         handler = {
@@ -392,9 +306,9 @@ class _Walker:
         return _all(handler(option) for option in options)
 
     def _conntrack(self, option: Option) -> Truth:
-        if option.name not in ("--ctstate", "--state") or len(option.args) != 1:
-            return Unknown(f"conntrack {option.name} is not modelled")
-        states = set(option.args[0].split(","))
+        if option.flag not in ("--ctstate", "--state") or len(option.values) != 1:
+            return Unknown(f"conntrack {option.flag} is not modelled")
+        states = set(option.values[0].split(","))
         # DNAT and SNAT are virtual states; the walker never follows NAT, so they never hold.
         return _invert(self.ctstate in states, option.negated)
 
@@ -406,23 +320,23 @@ class _Walker:
                  "--source-ports": (sport,), "--dport": (dport,), "--destination-port": (dport,),
                  "--dports": (dport,), "--destination-ports": (dport,),
                  "--ports": (sport, dport)}
-        if option.name not in kinds or len(option.args) != 1:
-            return Unknown(f"{option.name} is not modelled")
+        if option.flag not in kinds or len(option.values) != 1:
+            return Unknown(f"{option.flag} is not modelled")
         if p.proto not in PORT_PROTOCOLS:
             return False  # multiport needs one of these protocols
-        wanted = [_port_range(part) for part in option.args[0].split(",")]
-        either = _any(_range_in(have, wanted) for have in kinds[option.name])
+        wanted = [_port_range(part) for part in option.values[0].split(",")]
+        either = _any(_range_in(have, wanted) for have in kinds[option.flag])
         return _invert(either, option.negated)
 
     def _icmp(self, option: Option) -> Truth:
         p = self.packet
-        if option.name not in ("--icmp-type", "--icmpv6-type") or len(option.args) != 1:
-            return Unknown(f"{option.name} is not modelled")
+        if option.flag not in ("--icmp-type", "--icmpv6-type") or len(option.values) != 1:
+            return Unknown(f"{option.flag} is not modelled")
         if p.proto not in ICMP_PROTOCOLS:
             return False
         if p.icmp_type is None:
             return Unknown("the packet's ICMP type is not given")
-        text = option.args[0]
+        text = option.values[0]
         if text == "any":
             return not option.negated
         kind, _, code = text.partition("/")
@@ -432,10 +346,10 @@ class _Walker:
         return _invert(result, option.negated)
 
     def _set(self, option: Option) -> Truth:
-        if option.name != "--match-set" or len(option.args) != 2 \
-                or option.args[1] not in ("src", "dst"):
-            return Unknown(f"set {option.name} {' '.join(option.args)} is not modelled")
-        name, flag = option.args
+        if option.flag != "--match-set" or len(option.values) != 2 \
+                or option.values[1] not in ("src", "dst"):
+            return Unknown(f"set {option.flag} {' '.join(option.values)} is not modelled")
+        name, flag = option.values
         ipset: IpSet | None = self.ruleset.ipsets.get(name)
         if ipset is None:
             return Unknown(f"ipset {name} is not in the ruleset")
@@ -446,34 +360,34 @@ class _Walker:
         return _invert(inside, option.negated)
 
     def _mac(self, option: Option) -> Truth:
-        if option.name != "--mac-source" or len(option.args) != 1:
-            return Unknown(f"mac {option.name} is not modelled")
+        if option.flag != "--mac-source" or len(option.values) != 1:
+            return Unknown(f"mac {option.flag} is not modelled")
         if self.packet.src_mac is None:
             return Unknown("the sender's MAC address is not known")
-        return _invert(self.packet.src_mac.lower() == option.args[0].lower(), option.negated)
+        return _invert(self.packet.src_mac.lower() == option.values[0].lower(), option.negated)
 
     def _mark(self, option: Option) -> Truth:
-        if option.name != "--mark" or len(option.args) != 1:
-            return Unknown(f"mark {option.name} is not modelled")
-        value, mask = _value_mask(option.args[0])
+        if option.flag != "--mark" or len(option.values) != 1:
+            return Unknown(f"mark {option.flag} is not modelled")
+        value, mask = _value_mask(option.values[0])
         return _invert(self.mark & mask == value, option.negated)
 
     def _physdev(self, option: Option, builtin: str) -> Truth:
         """xt_physdev: see the kernel's physdev_mt for the cases below."""
         p = self.packet
         if p.hook == "OUTPUT":  # no bridge information: only inverted options hold
-            return option.negated and option.name in (
+            return option.negated and option.flag in (
                 "--physdev-in", "--physdev-out", "--physdev-is-bridged")
         out_known = builtin in ("FORWARD", "POSTROUTING")  # the bridge chose the port
-        if option.name == "--physdev-is-bridged":
+        if option.flag == "--physdev-is-bridged":
             return _invert(out_known and p.hook == "FORWARD", option.negated)
-        if option.name == "--physdev-in" and len(option.args) == 1:
-            return _invert(self._bridge_port(p.physdev_in, option.args[0]), option.negated)
-        if option.name == "--physdev-out" and len(option.args) == 1:
+        if option.flag == "--physdev-in" and len(option.values) == 1:
+            return _invert(self._bridge_port(p.physdev_in, option.values[0]), option.negated)
+        if option.flag == "--physdev-out" and len(option.values) == 1:
             if not out_known or p.hook != "FORWARD":
                 return True  # the kernel lets a not yet known output port match
-            return _invert(self._bridge_port(p.physdev_out, option.args[0]), option.negated)
-        return Unknown(f"physdev {option.name} is not modelled")
+            return _invert(self._bridge_port(p.physdev_out, option.values[0]), option.negated)
+        return Unknown(f"physdev {option.flag} is not modelled")
 
     def _bridge_port(self, name: str | None, pattern: str) -> Truth:
         if name is not None:

@@ -42,9 +42,9 @@ from agent.dataplane.flowcut import cut
 from agent.dataplane.ipsets import plan_ipsets
 from agent.dataplane.plan import TablePlan, plan_table
 from agent.dataplane.restore_backend import BINARIES, RestoreBackend
-from agent.dataplane.ruleset import TABLE_ORDER, Ruleset
 from agent.model import Policy, Port, parse_member_map, parse_port, parse_rule
 from agent.sources.policy_file import derive_members
+from agent.vocab.ruleset import TABLE_ORDER, Ruleset
 from bench import workloads
 from bench.sandbox import NetnsWorker, private_netns
 from bench.stats import summary

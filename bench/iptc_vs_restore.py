@@ -42,8 +42,8 @@ from agent.dataplane.engine import Engine
 from agent.dataplane.iptc_backend import IptcBackend
 from agent.dataplane.plan import TablePlan
 from agent.dataplane.restore_backend import RestoreBackend
-from agent.dataplane.ruleset import Ruleset
 from agent.model import parse_policy
+from agent.vocab.ruleset import Ruleset
 
 BACKENDS: dict[str, Callable[[], Backend]] = {
     "iptc": IptcBackend,

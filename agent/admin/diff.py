@@ -46,7 +46,7 @@ def _table_json(plan: TablePlan, kernel: KernelView) -> dict[str, Any]:
     have = kernel.get(plan.family, {}).get(plan.table)
     chains = have.chains if have else {}
     changes = [{"chain": name, "action": "rewrite" if name in chains else "create",
-                "kernel": chains.get(name), "desired": list(rules)}
+                "kernel": chains.get(name), "desired": [rule.text for rule in rules]}
                for name, rules in plan.rewrites.items()]
     changes += [{"chain": name, "action": "delete" if name in plan.deletes else "flush",
                  "kernel": chains.get(name, []), "desired": None}
@@ -54,7 +54,7 @@ def _table_json(plan: TablePlan, kernel: KernelView) -> dict[str, Any]:
     return {
         "table": f"ipv{plan.family}/{plan.table}",
         "chains": changes,
-        "hooks_inserted": [f"-A {chain} {spec}" for chain, spec in plan.hook_inserts],
+        "hooks_inserted": [f"-A {hook.chain} {hook.spec}" for hook in plan.hook_inserts],
         "hooks_deleted": [f"-A {chain} {spec}" for chain, spec in plan.hook_deletes],
         "script": plan.script(),
     }

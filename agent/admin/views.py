@@ -11,15 +11,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from agent.dataplane.ruleset import Ruleset
 from agent.trace import Probe, resolve, trace
+from agent.vocab.ruleset import Ruleset
 
 
 def ruleset_json(ruleset: Ruleset) -> dict[str, Any]:
     tables = {
         f"ipv{family}/{name}": {
             "hooks": [f"-A {h.chain} {h.spec}" for h in table.hooks],
-            "chains": {chain: list(rules) for chain, rules in table.chains.items()},
+            "chains": {chain: [rule.text for rule in rules]
+                       for chain, rules in table.chains.items()},
         }
         for (family, name), table in sorted(ruleset.tables.items())
     }

@@ -15,7 +15,7 @@ from agent.compiler.inputs import NatSettings, Settings, Snapshot
 from agent.compiler.nat import compile_nat
 from agent.compiler.raw import compile_raw
 from agent.compiler.rules import oversized_sets
-from agent.dataplane.ruleset import Ruleset, merge
+from agent.vocab.ruleset import Ruleset, merge
 
 __all__ = ["Compiled", "NatSettings", "Settings", "Snapshot", "compile_ruleset"]
 

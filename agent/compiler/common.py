@@ -33,11 +33,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from agent.compiler.names import Names
-from agent.dataplane.ruleset import render_rule
+from agent.vocab.names import Names
+from agent.vocab.rules import IptablesRule, Target, ctstate, goto, icmp, jump, opt, ports
 
-ESTABLISHED = "-m conntrack --ctstate RELATED,ESTABLISHED"
-INVALID = "-m conntrack --ctstate INVALID"
+ESTABLISHED = ctstate("RELATED,ESTABLISHED")
+INVALID = ctstate("INVALID")
 
 # ICMPv6 types a VM must receive for neighbour discovery and MLD.
 ICMPV6_INGRESS_ALLOWED = (130, 135, 136)
@@ -57,48 +57,48 @@ def bad_source_chain(names: Names, family: int) -> str:
 
 
 @lru_cache(maxsize=64)
-def shared_chains(names: Names, family: int, mark: int) -> dict[str, tuple[str, ...]]:
+def shared_chains(names: Names, family: int,
+                  accept_mark: int) -> dict[str, tuple[IptablesRule, ...]]:
     """The family's shared chains (see the module docstring), by name."""
-    accept = f"-g {names.chain('accept')}"
-    clear = render_rule(f"-j MARK --set-xmark 0x0/{mark:#x}", comment="clear the accept mark")
-    session = render_rule(accept, matches=[ESTABLISHED], comment="known session")
+    accept = goto(names.chain("accept"))
+    drop, returns = jump("DROP"), jump("RETURN")
+    clear = IptablesRule(jump("MARK", opt("--set-xmark", f"0x0/{accept_mark:#x}")),
+                         comment="clear the accept mark")
+    session = IptablesRule(accept, matches=(ESTABLISHED,), comment="known session")
     client, server = DHCP[family]
     egress = [clear]
     if family == 6:
-        egress.append(_icmp6(ICMPV6_RA, "-j DROP", "no router advertisements from a VM"))
-    egress += [render_rule("-j DROP", proto="udp",
-                           matches=[f"-m udp --sport {server} --dport {client}"],
-                           comment="no DHCP server on a VM"),
+        egress.append(_icmp6(ICMPV6_RA, drop, "no router advertisements from a VM"))
+    egress += [IptablesRule(drop, proto="udp", matches=(ports("udp", server, client),),
+                            comment="no DHCP server on a VM"),
                session]
     if family == 6:
-        egress.append(render_rule(accept, proto="ipv6-icmp", comment="other ICMPv6"))
-    egress.append(render_rule(accept, proto="udp",
-                              matches=[f"-m udp --sport {client} --dport {server}"],
-                              comment="DHCP client"))
+        egress.append(IptablesRule(accept, proto="ipv6-icmp", comment="other ICMPv6"))
+    egress.append(IptablesRule(accept, proto="udp", matches=(ports("udp", client, server),),
+                               comment="DHCP client"))
     ingress = [clear, session]
     if family == 6:
         ingress += [_icmp6(t, accept, "neighbour discovery and MLD")
                     for t in ICMPV6_INGRESS_ALLOWED]
     if family == 4:
-        unaddressed = [render_rule("-j RETURN", src="0.0.0.0/32", dst="255.255.255.255/32",
-                                   proto="udp",
-                                   matches=[f"-m udp --sport {client} --dport {server}"],
-                                   comment="DHCP discover before an address")]
+        unaddressed = [IptablesRule(returns, src="0.0.0.0/32", dst="255.255.255.255/32",
+                                    proto="udp", matches=(ports("udp", client, server),),
+                                    comment="DHCP discover before an address")]
     else:
-        unaddressed = [_icmp6(t, "-j RETURN", "MLD and DAD before an address",
+        unaddressed = [_icmp6(t, returns, "MLD and DAD before an address",
                               src="::/128", dst="ff02::/16") for t in ICMPV6_UNSPEC_ALLOWED]
     return {
         common_chain(names, "egress", family): tuple(egress),
         common_chain(names, "ingress", family): tuple(ingress),
         bad_source_chain(names, family): (*unaddressed,
-                                          render_rule("-j DROP", comment="spoofed source")),
+                                          IptablesRule(drop, comment="spoofed source")),
         names.chain("sg-fallback"): (
-            render_rule("-j DROP", matches=[INVALID], comment="drop invalid"),
-            render_rule("-j DROP", comment="default drop for unmatched traffic")),
+            IptablesRule(drop, matches=(INVALID,), comment="drop invalid"),
+            IptablesRule(drop, comment="default drop for unmatched traffic")),
     }
 
 
-def _icmp6(kind: int, target: str, comment: str, src: str | None = None,
-           dst: str | None = None) -> str:
-    return render_rule(target, src=src, dst=dst, proto="ipv6-icmp",
-                       matches=[f"-m icmp6 --icmpv6-type {kind}"], comment=comment)
+def _icmp6(kind: int, target: Target, comment: str, src: str | None = None,
+           dst: str | None = None) -> IptablesRule:
+    return IptablesRule(target, src=src, dst=dst, proto="ipv6-icmp",
+                        matches=(icmp(6, kind),), comment=comment)

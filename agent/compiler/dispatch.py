@@ -29,34 +29,42 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from agent.compiler.names import Names
-from agent.dataplane.ruleset import render_rule
+from agent.vocab.names import Names
+from agent.vocab.rules import IptablesRule, Match, Target, goto, physdev
 
 FANOUT = 16  # a node with more entries than this splits by the next character
 LONGEST = 2 * FANOUT + 2  # a longer chain is cut into linked pieces of at most this
 
-Entry = tuple[str, str, str]   # (device, action, comment), sorted by device
-MATCHES = {
-    "in": "-m physdev --physdev-in {}",
-    "out": "-m physdev --physdev-out {} --physdev-is-bridged",
-}
+Entry = tuple[str, Target, str]   # (device, action, comment), sorted by device
+Chains = dict[str, tuple[IptablesRule, ...]]
 
 
-def build_tree(root: str, entries: tuple[Entry, ...], direction: str, unknown: str,
-               names: Names) -> dict[str, tuple[str, ...]]:
+def _physdev_in(name: str) -> Match:
+    return physdev(in_dev=name)
+
+
+def _physdev_out(name: str) -> Match:
+    return physdev(out_dev=name, bridged=True)
+
+
+MATCHES = {"in": _physdev_in, "out": _physdev_out}
+
+
+def build_tree(root: str, entries: tuple[Entry, ...], direction: str, unknown: Target,
+               names: Names) -> Chains:
     """The chains of the tree rooted at shared chain `root` (e.g. "from").
 
     `direction` is "in" (match --physdev-in: from a VM) or "out" (to a VM);
     `unknown` the final verdict of every chain.
     """
-    chains: dict[str, tuple[str, ...]] = {}
+    chains: Chains = {}
     _collect(names.chain(root), root, names.device_prefix, entries, direction, unknown,
              names, chains)
     return chains
 
 
 def _collect(chain: str, root: str, prefix: str, entries: tuple[Entry, ...], direction: str,
-             unknown: str, names: Names, out: dict[str, tuple[str, ...]]) -> None:
+             unknown: Target, names: Names, out: Chains) -> None:
     rules, children = _node(root, prefix, entries, direction, unknown, names)
     if len(rules) <= LONGEST:
         out[chain] = rules
@@ -67,19 +75,20 @@ def _collect(chain: str, root: str, prefix: str, entries: tuple[Entry, ...], dir
 
 
 @lru_cache(maxsize=1 << 13)
-def _node(root: str, prefix: str, entries: tuple[Entry, ...], direction: str, unknown: str,
-          names: Names) -> tuple[tuple[str, ...], tuple[tuple[str, str, tuple[Entry, ...]], ...]]:
+def _node(root: str, prefix: str, entries: tuple[Entry, ...], direction: str, unknown: Target,
+          names: Names) -> tuple[tuple[IptablesRule, ...],
+                                 tuple[tuple[str, str, tuple[Entry, ...]], ...]]:
     """One chain's rules, and its children as (chain, prefix, entries)."""
-    match = MATCHES[direction].format
-    rules: list[str] = []
+    match = MATCHES[direction]
+    rules: list[IptablesRule] = []
     children: list[tuple[str, str, tuple[Entry, ...]]] = []
     if len(entries) <= FANOUT:
-        rules += [render_rule(action, matches=(match(dev),), comment=note)
+        rules += [IptablesRule(action, matches=(match(dev),), comment=note)
                   for dev, action, note in entries]
     else:
         # Skip levels every device shares: they would be chains of one rule.
         depth = max(len(prefix), len(os.path.commonprefix([e[0] for e in entries])))
-        rules += [render_rule(action, matches=(match(dev),), comment=note)
+        rules += [IptablesRule(action, matches=(match(dev),), comment=note)
                   for dev, action, note in entries if len(dev) == depth]
         branches: dict[str, list[Entry]] = {}
         for entry in entries:
@@ -88,19 +97,19 @@ def _node(root: str, prefix: str, entries: tuple[Entry, ...], direction: str, un
         for sub_prefix, sub in sorted(branches.items()):
             if len(sub) == 1:
                 dev, action, note = sub[0]
-                rules.append(render_rule(action, matches=(match(dev),), comment=note))
+                rules.append(IptablesRule(action, matches=(match(dev),), comment=note))
                 continue
             child = names.tree_chain(root, sub_prefix)
-            rules.append(render_rule(f"-g {child}", matches=(match(sub_prefix + "+"),),
-                                     comment=f"devices {sub_prefix}+"))
+            rules.append(IptablesRule(goto(child), matches=(match(sub_prefix + "+"),),
+                                      comment=f"devices {sub_prefix}+"))
             children.append((child, sub_prefix, tuple(sub)))
-    rules.append(render_rule(unknown, comment="unknown device"))
+    rules.append(IptablesRule(unknown, comment="unknown device"))
     return tuple(rules), tuple(children)
 
 
 @lru_cache(maxsize=1 << 10)
-def _linked(chain: str, root: str, prefix: str, rules: tuple[str, ...],
-            names: Names) -> dict[str, tuple[str, ...]]:
+def _linked(chain: str, root: str, prefix: str, rules: tuple[IptablesRule, ...],
+            names: Names) -> Chains:
     """A node too wide for one chain (e.g. mixed-case names), cut into linked pieces.
 
     Each piece but the last ends by going to the next, named after the node's
@@ -115,6 +124,6 @@ def _linked(chain: str, root: str, prefix: str, rules: tuple[str, ...],
     out = {}
     for n, piece in enumerate(pieces):
         if n + 1 < len(pieces):
-            piece = (*piece, render_rule(f"-g {piece_names[n + 1]}", comment="more devices"))
+            piece = (*piece, IptablesRule(goto(piece_names[n + 1]), comment="more devices"))
         out[piece_names[n]] = piece
     return out

@@ -49,11 +49,12 @@ from agent.compiler.common import DHCP, ICMPV6_RA, bad_source_chain, common_chai
 from agent.compiler.dispatch import build_tree
 from agent.compiler.inputs import Settings, Snapshot
 from agent.compiler.memo import LastCall
-from agent.compiler.names import Names
 from agent.compiler.rules import remote_sets, render_sg_rule
 from agent.compiler.spoof import spoof_rules
-from agent.dataplane.ruleset import Ruleset, Table, TableBuilder, render_rule
 from agent.model import Port, Rule
+from agent.vocab.names import Names
+from agent.vocab.rules import IptablesRule, call, goto, jump, mark, opt, physdev
+from agent.vocab.ruleset import Ruleset, Table, TableBuilder
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ class _PortEntry:
     """One port's chains and profiles, per family in `settings.families` order."""
 
     port_id: str
-    chains: tuple[dict[str, tuple[str, ...]], ...]
+    chains: tuple[dict[str, tuple[IptablesRule, ...]], ...]
     profiles: tuple[dict[str, Profile], ...]
     chain_names: tuple[str, ...]          # its own chains and its profiles, for `show`
 
@@ -181,34 +182,31 @@ _last_tables: LastCall[_Tables] = LastCall(_build_tables)
 
 # ---------------------------------------------------------------- shared chains
 
-def _skeleton(b: TableBuilder, names: Names, mark: int) -> None:
+def _skeleton(b: TableBuilder, names: Names, accept_mark: int) -> None:
     wild = names.device_wildcard
     for builtin in ("INPUT", "FORWARD", "OUTPUT"):
         b.chain(names.chain(builtin))
         b.hook(builtin, names.chain(builtin))
     sg_chain = names.chain("sg-chain")
     b.chain(names.chain("FORWARD")).extend([
-        render_rule(f"-j {sg_chain}",
-                    matches=[f"-m physdev --physdev-out {wild} --physdev-is-bridged"],
-                    comment="traffic to a VM"),
-        render_rule(f"-j {sg_chain}",
-                    matches=[f"-m physdev --physdev-in {wild} --physdev-is-bridged"],
-                    comment="traffic from a VM"),
+        IptablesRule(call(sg_chain), matches=(physdev(out_dev=wild, bridged=True),),
+                     comment="traffic to a VM"),
+        IptablesRule(call(sg_chain), matches=(physdev(in_dev=wild, bridged=True),),
+                     comment="traffic from a VM"),
     ])
     b.chain(names.chain("INPUT")).append(
-        render_rule(f"-j {names.chain('from')}", matches=[f"-m physdev --physdev-in {wild}"],
-                    comment="traffic from a VM to this node"))
+        IptablesRule(call(names.chain("from")), matches=(physdev(in_dev=wild),),
+                     comment="traffic from a VM to this node"))
     b.chain(sg_chain).extend([
-        render_rule(f"-j {names.chain('from')}",
-                    matches=[f"-m physdev --physdev-in {wild} --physdev-is-bridged"],
-                    comment="check the sending VM"),
-        render_rule(f"-j {names.chain('to')}",
-                    matches=[f"-m physdev --physdev-out {wild} --physdev-is-bridged"],
-                    comment="check the receiving VM"),
-        render_rule("-j ACCEPT", comment="both ends passed"),
+        IptablesRule(call(names.chain("from")), matches=(physdev(in_dev=wild, bridged=True),),
+                     comment="check the sending VM"),
+        IptablesRule(call(names.chain("to")), matches=(physdev(out_dev=wild, bridged=True),),
+                     comment="check the receiving VM"),
+        IptablesRule(jump("ACCEPT"), comment="both ends passed"),
     ])
     b.chain(names.chain("accept")).append(
-        render_rule(f"-j MARK --set-xmark {mark:#x}/{mark:#x}", comment="a group allows"))
+        IptablesRule(jump("MARK", opt("--set-xmark", f"{accept_mark:#x}/{accept_mark:#x}")),
+                     comment="a group allows"))
 
 
 def _dispatch(b: TableBuilder, local: list[Port], names: Names, unknown_policy: str,
@@ -218,22 +216,23 @@ def _dispatch(b: TableBuilder, local: list[Port], names: Names, unknown_policy: 
     A trusted device (Neutron's `network:*` ports) passes unfiltered both ways,
     like a port without port security, as Neutron's trusted-port ACCEPTs do.
     """
-    unknown = "-j DROP" if unknown_policy == "drop" else "-j RETURN"
+    unknown = jump("DROP" if unknown_policy == "drop" else "RETURN")
     for root, letter, direction in (("from", "o", "in"), ("to", "i", "out")):
         entries = tuple(sorted([
-            (p.device, f"-g {names.port_chain(letter, p.device)}", f"port {p.id}")
+            (p.device, goto(names.port_chain(letter, p.device)), f"port {p.id}")
             if p.port_security_enabled else
-            (p.device, "-j RETURN", f"port {p.id} without port security")
-            for p in local] + [(d, "-j RETURN", "trusted network port") for d in trusted]))
+            (p.device, jump("RETURN"), f"port {p.id} without port security")
+            for p in local] + [(d, jump("RETURN"), "trusted network port") for d in trusted],
+            key=lambda entry: entry[0]))
         b.chains.update(build_tree(root, entries, direction, unknown, names))
 
 
 @lru_cache(maxsize=1 << 14)
 def _group_chains(group: str, rules: tuple[Rule, ...], family: int,
-                  settings: Settings) -> dict[str, tuple[str, ...]]:
+                  settings: Settings) -> dict[str, tuple[IptablesRule, ...]]:
     """A group's shared chains (ingress, egress) for one family."""
     names = settings.names
-    accept = f"-g {names.chain('accept')}"
+    accept = goto(names.chain("accept"))
     return {names.group_chain(direction, family, group): tuple(dict.fromkeys(
         render_sg_rule(r, accept, names) for r in rules
         if r.family == family and r.direction == direction))
@@ -241,7 +240,7 @@ def _group_chains(group: str, rules: tuple[Rule, ...], family: int,
 
 
 @lru_cache(maxsize=1 << 12)
-def _profile_chain(profile: Profile, settings: Settings) -> tuple[str, tuple[str, ...]]:
+def _profile_chain(profile: Profile, settings: Settings) -> tuple[str, tuple[IptablesRule, ...]]:
     """A profile's chain name and rules.
 
     It depends on group names, not their rules, so a rule change leaves every
@@ -249,26 +248,26 @@ def _profile_chain(profile: Profile, settings: Settings) -> tuple[str, tuple[str
     profiles get one chain, and a port that changes groups changes profile.
     """
     names = settings.names
-    mark = settings.accept_mark
     family, direction = profile.family, profile.direction
-    on_mark = f"-m mark --mark {mark:#x}/{mark:#x}"
-    rules = [render_rule(f"-j {common_chain(names, direction, family)}",
-                         comment="checks every port shares"),
-             render_rule("-j RETURN", matches=[on_mark], comment="allowed by a shared check")]
-    rules += dict.fromkeys(render_sg_rule(r, "-j RETURN", names) for r in profile.provider)
+    on_mark = (mark(settings.accept_mark, settings.accept_mark),)
+    returns = jump("RETURN")
+    rules = [IptablesRule(call(common_chain(names, direction, family)),
+                          comment="checks every port shares"),
+             IptablesRule(returns, matches=on_mark, comment="allowed by a shared check")]
+    rules += dict.fromkeys(render_sg_rule(r, returns, names) for r in profile.provider)
     for group in profile.groups:
-        rules += [render_rule(f"-j {names.group_chain(direction, family, group)}",
-                              comment=f"group {group}"),
-                  render_rule("-j RETURN", matches=[on_mark], comment="allowed by a group")]
-    rules.append(render_rule(f"-j {names.chain('sg-fallback')}", comment="unmatched traffic"))
-    digest = hashlib.sha256("\n".join(rules).encode()).hexdigest()[:10]
+        rules += [IptablesRule(call(names.group_chain(direction, family, group)),
+                               comment=f"group {group}"),
+                  IptablesRule(returns, matches=on_mark, comment="allowed by a group")]
+    rules.append(IptablesRule(call(names.chain("sg-fallback")), comment="unmatched traffic"))
+    digest = hashlib.sha256("\n".join(r.text for r in rules).encode()).hexdigest()[:10]
     return names.chain(f"p{direction[0]}{family}-{digest}"), tuple(rules)
 
 
 def _drop_all(port: Port, settings: Settings) -> _PortEntry:
     """The entry of a port whose chains cannot be built: i and o drop everything."""
     names = settings.names
-    drop = (render_rule("-j DROP", comment="policy error drop all"),)
+    drop = (IptablesRule(jump("DROP"), comment="policy error drop all"),)
     chains = {names.port_chain("i", port.device): drop,
               names.port_chain("o", port.device): drop}
     families = settings.families
@@ -289,7 +288,7 @@ def _port_entry(port: Port, groups: tuple[str, ...], settings: Settings) -> _Por
 
 
 def _port_chains(port: Port, family: int, groups: tuple[str, ...], settings: Settings
-                 ) -> tuple[dict[str, tuple[str, ...]], dict[str, Profile]]:
+                 ) -> tuple[dict[str, tuple[IptablesRule, ...]], dict[str, Profile]]:
     """One port's i and o chains for one family, and its two profiles by chain name.
 
     `groups` are its known groups. Only what is the port's own is here: its
@@ -303,11 +302,11 @@ def _port_chains(port: Port, family: int, groups: tuple[str, ...], settings: Set
     egress_chain = _profile_chain(egress, settings)[0]
     chains = {
         names.port_chain("i", port.device): (
-            *dict.fromkeys(render_sg_rule(r, "-j RETURN", names) for r in own),
-            render_rule(f"-g {ingress_chain}", comment="its security groups")),
+            *dict.fromkeys(render_sg_rule(r, jump("RETURN"), names) for r in own),
+            IptablesRule(goto(ingress_chain), comment="its security groups")),
         names.port_chain("o", port.device): (
-            *spoof_rules(port, family, f"-g {egress_chain}"),
-            render_rule(f"-g {bad_source_chain(names, family)}", comment="no allowed pair")),
+            *spoof_rules(port, family, goto(egress_chain)),
+            IptablesRule(goto(bad_source_chain(names, family)), comment="no allowed pair")),
     }
     return chains, {ingress_chain: ingress, egress_chain: egress}
 

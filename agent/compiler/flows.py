@@ -24,27 +24,10 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from agent.compiler.inputs import Snapshot
 from agent.model import Port, Rule
-
-
-@dataclass(frozen=True)
-class FlowCut:
-    """`conntrack -D -f <family> [-p proto] [-s src] [-d dst] [--reply-dst R] [-w zone]`.
-
-    `src`, `dst` and `reply_dst` are an address (`10.0.0.5`) or a network
-    (`10.1.0.0/16`, every address in it).
-    """
-
-    family: int
-    proto: int | None = None
-    src: str | None = None
-    dst: str | None = None
-    zone: int | None = None
-    reason: str = ""
-    reply_dst: str | None = None
+from agent.vocab.flows import FlowCut
 
 
 def floating_ip_cuts(old: Mapping[str, str], new: Mapping[str, str]) -> list[FlowCut]:

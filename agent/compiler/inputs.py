@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from agent.compiler.names import Names
 from agent.model import Policy
+from agent.vocab.names import Names
 
 
 @dataclass(frozen=True)

@@ -70,9 +70,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent.compiler.inputs import NatSettings, Snapshot
-from agent.compiler.names import Names
-from agent.dataplane.ruleset import Ruleset, Table, TableBuilder, render_rule
 from agent.model import Port
+from agent.vocab.names import Names
+from agent.vocab.rules import IptablesRule, Target, call, ctstate, jump, match, opt, physdev, ports
+from agent.vocab.ruleset import Ruleset, Table, TableBuilder
 
 METADATA_IP = "169.254.169.254/32"
 METADATA_PORT = 80
@@ -109,9 +110,9 @@ def compile_nat(snapshot: Snapshot) -> NatResult:
 class NatZones:
     """raw-table rules (IPv4) that keep routed NAT flows in one conntrack zone."""
 
-    prerouting_first: tuple[str, ...] = ()   # before the bridge rules
-    prerouting_last: tuple[str, ...] = ()    # after them: arrivals from elsewhere
-    output_first: tuple[str, ...] = ()
+    prerouting_first: tuple[IptablesRule, ...] = ()   # before the bridge rules
+    prerouting_last: tuple[IptablesRule, ...] = ()    # after them: arrivals from elsewhere
+    output_first: tuple[IptablesRule, ...] = ()
 
 
 def raw_zones(snapshot: Snapshot, local: Sequence[Port]) -> NatZones:
@@ -133,8 +134,8 @@ def raw_zones(snapshot: Snapshot, local: Sequence[Port]) -> NatZones:
     for ip, port in floating.items():
         where = zone_of(port)
         if where:
-            rule = render_rule(f"-j CT --zone {where[1]}", dst=f"{ip}/32",
-                               comment=f"floating IP {ip} in the zone of {where[0]}")
+            rule = IptablesRule(_zone(where[1]), dst=f"{ip}/32",
+                                comment=f"floating IP {ip} in the zone of {where[0]}")
             first.append(rule)
             output.append(rule)
     if nat.routing_source_ip:
@@ -143,15 +144,15 @@ def raw_zones(snapshot: Snapshot, local: Sequence[Port]) -> NatZones:
     for port in local:
         where = zone_of(port)
         if where:
-            last += [render_rule(f"-j CT --zone {where[1]}", dst=f"{ip}/32",
-                                 comment=f"routed to port {port.id}")
+            last += [IptablesRule(_zone(where[1]), dst=f"{ip}/32",
+                                  comment=f"routed to port {port.id}")
                      for ip in port.ips(4) if ipaddress.IPv4Address(ip) in fixed_range]
     return NatZones(tuple(first), tuple(dict.fromkeys(last)), tuple(output))
 
 
 def _host_snat_zones(nat: NatSettings, fixed_range: str, local: Sequence[Port],
                      zone_of: Callable[[Port], tuple[str, int] | None],
-                     with_floating: set[str]) -> list[str]:
+                     with_floating: set[str]) -> list[IptablesRule]:
     """Per bridge: the full zone where the source stays, then `--zone-orig`."""
     rules = []
     bridges: dict[tuple[str, int], list[Port]] = {}
@@ -159,26 +160,31 @@ def _host_snat_zones(nat: NatSettings, fixed_range: str, local: Sequence[Port],
         where = zone_of(port)
         if where:
             bridges.setdefault(where, []).append(port)
-    for (bridge, zone), ports in sorted(bridges.items()):
-        full = f"-j CT --zone {zone}"
+    for (bridge, zone), members in sorted(bridges.items()):
+        full = _zone(zone)
         rules += [
-            render_rule(full, dst=f"{nat.routing_source_ip}/32", in_iface=bridge,
-                        comment=f"zone for bridge {bridge} to the node"),
-            render_rule(full, dst=METADATA_IP, in_iface=bridge,
-                        comment=f"zone for bridge {bridge} to metadata"),
-            render_rule(full, dst=fixed_range, in_iface=bridge,
-                        comment=f"zone for bridge {bridge} in the fixed range"),
+            IptablesRule(full, dst=f"{nat.routing_source_ip}/32", in_iface=bridge,
+                         comment=f"zone for bridge {bridge} to the node"),
+            IptablesRule(full, dst=METADATA_IP, in_iface=bridge,
+                         comment=f"zone for bridge {bridge} to metadata"),
+            IptablesRule(full, dst=fixed_range, in_iface=bridge,
+                         comment=f"zone for bridge {bridge} in the fixed range"),
         ]
-        rules += [render_rule(full, dst=_dst(_net(cidr)), in_iface=bridge,
-                              comment=f"zone for bridge {bridge} to the DMZ")
+        rules += [IptablesRule(full, dst=_dst(_net(cidr)), in_iface=bridge,
+                               comment=f"zone for bridge {bridge} to the DMZ")
                   for cidr in dict.fromkeys(nat.dmz_cidr)]
-        rules += [render_rule(full, src=f"{ip}/32", in_iface=bridge,
-                              comment=f"port {port.id} leaves by its floating IP")
-                  for port in ports if port.id in with_floating for ip in port.ips(4)[:1]]
-        rules.append(render_rule(f"-j CT --zone-orig {zone}", src=fixed_range,
-                                 in_iface=bridge,
-                                 comment=f"host SNAT from bridge {bridge} replies in zone 0"))
+        rules += [IptablesRule(full, src=f"{ip}/32", in_iface=bridge,
+                               comment=f"port {port.id} leaves by its floating IP")
+                  for port in members if port.id in with_floating for ip in port.ips(4)[:1]]
+        rules.append(IptablesRule(jump("CT", opt("--zone-orig", zone)), src=fixed_range,
+                                  in_iface=bridge,
+                                  comment=f"host SNAT from bridge {bridge} replies in zone 0"))
     return rules
+
+
+def _zone(zone: int) -> Target:
+    """`-j CT --zone <n>`: the conntrack zone of what the rule matches."""
+    return jump("CT", opt("--zone", zone))
 
 
 def _floating_targets(ports: Sequence[Port],
@@ -233,38 +239,37 @@ def _nat_table(nat: NatSettings, names: Names, floating: Mapping[str, str]) -> T
     # even when the VM has a floating IP (the metadata service identifies the
     # instance by it).
     b.chain(post).extend(_snat_exemptions(nat, fixed_range))
-    b.chain(bottom).append(render_rule(f"-j {snat}", comment="SNAT after every exemption"))
-    b.chain(snat).append(render_rule(f"-j {float_snat}", comment="floating IPs first"))
+    b.chain(bottom).append(IptablesRule(call(snat), comment="SNAT after every exemption"))
+    b.chain(snat).append(IptablesRule(call(float_snat), comment="floating IPs first"))
     if nat.routing_source_ip:
-        b.chain(snat).append(render_rule(f"-j SNAT --to-source {nat.routing_source_ip}",
-                                         src=fixed_range, out_iface=nat.public_interface or None,
-                                         comment="host SNAT of the fixed range"))
+        b.chain(snat).append(IptablesRule(
+            jump("SNAT", opt("--to-source", nat.routing_source_ip)), src=fixed_range,
+            out_iface=nat.public_interface or None, comment="host SNAT of the fixed range"))
     b.chain(float_snat)
     for ip, fixed in floating.items():
-        fixed_host, to_float = f"{fixed}/32", f"-j SNAT --to-source {ip}"
-        dnat = render_rule(f"-j DNAT --to-destination {fixed}", dst=f"{ip}/32",
-                           comment=f"floating IP {ip}")
+        fixed_host, to_float = f"{fixed}/32", jump("SNAT", opt("--to-source", ip))
+        dnat = IptablesRule(jump("DNAT", opt("--to-destination", fixed)), dst=f"{ip}/32",
+                            comment=f"floating IP {ip}")
         b.chain(pre).append(dnat)
         b.chain(out).append(dnat)
         # Replies to a VM's own floating IP and floating-to-floating flows show
         # the client's floating address, not its fixed one.
-        b.chain(post).append(render_rule(to_float, src=fixed_host,
-                                         matches=["-m conntrack --ctstate DNAT"],
-                                         comment=f"floating IP {ip} DNATed flows"))
+        b.chain(post).append(IptablesRule(to_float, src=fixed_host, matches=(ctstate("DNAT"),),
+                                          comment=f"floating IP {ip} DNATed flows"))
         if nat.public_interface:
             b.chain(float_snat).extend([
-                render_rule(to_float, src=fixed_host, dst=fixed_host,
-                            comment=f"floating IP {ip} hairpin"),
-                render_rule(to_float, src=fixed_host, out_iface=nat.public_interface,
-                            comment=f"floating IP {ip} outbound"),
+                IptablesRule(to_float, src=fixed_host, dst=fixed_host,
+                             comment=f"floating IP {ip} hairpin"),
+                IptablesRule(to_float, src=fixed_host, out_iface=nat.public_interface,
+                             comment=f"floating IP {ip} outbound"),
             ])
         else:
-            b.chain(float_snat).append(render_rule(to_float, src=fixed_host,
-                                                   comment=f"floating IP {ip} outbound"))
+            b.chain(float_snat).append(IptablesRule(to_float, src=fixed_host,
+                                                    comment=f"floating IP {ip} outbound"))
     return b.build()
 
 
-def _metadata_forward(nat: NatSettings, fixed_range: str) -> str:
+def _metadata_forward(nat: NatSettings, fixed_range: str) -> IptablesRule:
     """169.254.169.254:80 to the metadata service.
 
     DNAT to a loopback address would be dropped as martian, so a loopback
@@ -272,25 +277,26 @@ def _metadata_forward(nat: NatSettings, fixed_range: str) -> str:
     incoming interface: the service must listen there (or on 0.0.0.0).
     """
     if ipaddress.ip_address(nat.metadata_host).is_loopback:
-        target = f"-j REDIRECT --to-ports {nat.metadata_port}"
+        target = jump("REDIRECT", opt("--to-ports", nat.metadata_port))
     else:
-        target = f"-j DNAT --to-destination {nat.metadata_host}:{nat.metadata_port}"
-    return render_rule(target, src=fixed_range, dst=METADATA_IP, proto="tcp",
-                       matches=[f"-m tcp --dport {METADATA_PORT}"], comment="metadata")
+        target = jump("DNAT", opt("--to-destination", f"{nat.metadata_host}:{nat.metadata_port}"))
+    return IptablesRule(target, src=fixed_range, dst=METADATA_IP, proto="tcp",
+                        matches=(ports("tcp", dport=METADATA_PORT),), comment="metadata")
 
 
-def _snat_exemptions(nat: NatSettings, fixed_range: str) -> list[str]:
+def _snat_exemptions(nat: NatSettings, fixed_range: str) -> list[IptablesRule]:
     """Traffic that keeps its fixed source; ACCEPT in nat ends the SNAT walk."""
     rules = []
     if not ipaddress.ip_address(nat.metadata_host).is_loopback:  # local: never POSTROUTING
-        rules.append(render_rule("-j ACCEPT", src=fixed_range, dst=f"{nat.metadata_host}/32",
-                                 comment="metadata sees the fixed IP"))
+        rules.append(IptablesRule(jump("ACCEPT"), src=fixed_range,
+                                  dst=f"{nat.metadata_host}/32",
+                                  comment="metadata sees the fixed IP"))
     for cidr in dict.fromkeys(_net(c) for c in nat.dmz_cidr):
-        rules.append(render_rule("-j ACCEPT", src=fixed_range, dst=_dst(cidr),
-                                 comment="the DMZ sees the fixed IP"))
-    rules.append(render_rule("-j ACCEPT", src=fixed_range, dst=fixed_range,
-                             matches=["-m conntrack ! --ctstate DNAT"],
-                             comment="no SNAT inside the fixed range"))
+        rules.append(IptablesRule(jump("ACCEPT"), src=fixed_range, dst=_dst(cidr),
+                                  comment="the DMZ sees the fixed IP"))
+    rules.append(IptablesRule(jump("ACCEPT"), src=fixed_range, dst=fixed_range,
+                              matches=(ctstate("DNAT", negated=True),),
+                              comment="no SNAT inside the fixed range"))
     return rules
 
 
@@ -299,44 +305,44 @@ def _snat_exemptions(nat: NatSettings, fixed_range: str) -> list[str]:
 def _filter_table(nat: NatSettings, names: Names, local: Sequence[Port]) -> Table:
     b = TableBuilder(4, "filter")
     top, local_chain = names.chain("filter-top"), names.chain("local")
-    b.chain(top).append(render_rule(f"-j {local_chain}", comment="rules of this node"))
+    b.chain(top).append(IptablesRule(call(local_chain), comment="rules of this node"))
     for builtin in ("FORWARD", "OUTPUT"):
         b.hook(builtin, top)
     b.chain(local_chain).extend(_routed_to_vms(names, local))
     from_vms = names.chain("network-FORWARD")
     b.hook("FORWARD", from_vms)
-    b.chain(from_vms).append(render_rule(
-        f"-j {names.chain('from')}",
-        matches=[f"-m physdev --physdev-in {names.device_wildcard} ! --physdev-is-bridged"],
+    b.chain(from_vms).append(IptablesRule(
+        call(names.chain("from")),
+        matches=(physdev(in_dev=names.device_wildcard, bridged=False),),
         comment="routed from a VM its egress rules"))
 
     services, accept = names.chain("network-INPUT"), names.chain("network-accept")
     b.hook("INPUT", services)
     b.chain(accept).extend([
-        render_rule(f"-j {names.chain('INPUT')}", comment="the checks of the sender first"),
-        render_rule("-j ACCEPT", comment="a service of this node"),
+        IptablesRule(call(names.chain("INPUT")), comment="the checks of the sender first"),
+        IptablesRule(jump("ACCEPT"), comment="a service of this node"),
     ])
     fixed_range = _net(nat.fixed_range)
     if ipaddress.ip_address(nat.metadata_host).is_loopback:
-        metadata = render_rule(f"-j {accept}", src=fixed_range, proto="tcp",
-                               matches=[f"-m tcp --dport {nat.metadata_port}",
-                                        "-m addrtype --dst-type LOCAL"],
-                               comment="metadata from the fixed range")
+        metadata = IptablesRule(call(accept), src=fixed_range, proto="tcp",
+                                matches=(ports("tcp", dport=nat.metadata_port),
+                                         match("addrtype", opt("--dst-type", "LOCAL"))),
+                                comment="metadata from the fixed range")
     else:
-        metadata = render_rule(f"-j {accept}", src=fixed_range,
-                               dst=f"{nat.metadata_host}/32", proto="tcp",
-                               matches=[f"-m tcp --dport {nat.metadata_port}"],
-                               comment="metadata from the fixed range")
+        metadata = IptablesRule(call(accept), src=fixed_range,
+                                dst=f"{nat.metadata_host}/32", proto="tcp",
+                                matches=(ports("tcp", dport=nat.metadata_port),),
+                                comment="metadata from the fixed range")
     b.chain(services).append(metadata)
     for bridge in dict.fromkeys(nat.dhcp_bridges):
         b.chain(services).extend(
-            render_rule(f"-j {accept}", in_iface=bridge, proto=proto,
-                        matches=[f"-m {proto} --dport {port}"], comment=f"{what} on {bridge}")
+            IptablesRule(call(accept), in_iface=bridge, proto=proto,
+                         matches=(ports(proto, dport=port),), comment=f"{what} on {bridge}")
             for proto, port, what in BRIDGE_SERVICES)
     return b.build()
 
 
-def _routed_to_vms(names: Names, local: Sequence[Port]) -> list[str]:
+def _routed_to_vms(names: Names, local: Sequence[Port]) -> list[IptablesRule]:
     """Send routed traffic to a VM through the port chain bridged traffic gets.
 
     `--physdev-out` is unknown for a routed packet, so the VM is found by its
@@ -344,12 +350,12 @@ def _routed_to_vms(names: Names, local: Sequence[Port]) -> list[str]:
     node's own: bridged packets leave at the first rule). Ports without port
     security have no chains and stay open, as they are when bridged.
     """
-    rules = [render_rule("-j RETURN", matches=["-m physdev --physdev-is-bridged"],
-                         comment=f"bridged traffic is checked in {names.chain('FORWARD')}")]
+    rules = [IptablesRule(jump("RETURN"), matches=(physdev(bridged=True),),
+                          comment=f"bridged traffic is checked in {names.chain('FORWARD')}")]
     for port in local:
         if port.port_security_enabled:
-            rules += [render_rule(f"-j {names.port_chain('i', port.device)}", dst=f"{ip}/32",
-                                  comment=f"routed to port {port.id}")
+            rules += [IptablesRule(call(names.port_chain("i", port.device)), dst=f"{ip}/32",
+                                   comment=f"routed to port {port.id}")
                       for ip in port.ips(4)]
     return rules
 

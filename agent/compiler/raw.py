@@ -23,8 +23,9 @@ import ipaddress
 from agent.compiler.inputs import Snapshot
 from agent.compiler.memo import LastCall
 from agent.compiler.nat import raw_zones
-from agent.dataplane.ruleset import Table, TableBuilder, render_rule
 from agent.model import Port
+from agent.vocab.rules import IptablesRule, jump, opt, physdev
+from agent.vocab.ruleset import Table, TableBuilder
 
 
 def is_stateless(port: Port, snap: Snapshot) -> bool:
@@ -57,6 +58,7 @@ def _build_raw(snap: Snapshot, local: list[Port]) -> dict[tuple[int, str], Table
     untracked = {p.device for p in stateless}
     bridges = sorted({snap.bridges[p.device] for p in local
                       if snap.bridges.get(p.device) and p.device not in untracked})
+    notrack = jump("CT", opt("--notrack"))
     for family in settings.families:
         b = TableBuilder(family, "raw")
         pre, out = names.chain("PREROUTING"), names.chain("OUTPUT")
@@ -65,16 +67,16 @@ def _build_raw(snap: Snapshot, local: list[Port]) -> dict[tuple[int, str], Table
             b.hook(builtin, chain)
         for port in stateless:
             note = f"port {port.id} is stateless"
-            b.chain(pre).append(render_rule("-j CT --notrack", comment=note,
-                                            matches=[f"-m physdev --physdev-in {port.device}"]))
+            b.chain(pre).append(IptablesRule(notrack, comment=note,
+                                             matches=(physdev(in_dev=port.device),)))
             bridge = snap.bridges.get(port.device)
             if not bridge:
                 continue  # not on a bridge (yet): no scope for its addresses
             for ip in _host_addresses(port, family):
-                b.chain(pre).append(render_rule("-j CT --notrack", dst=ip, in_iface=bridge,
-                                                comment=note))
-                b.chain(out).append(render_rule("-j CT --notrack", dst=ip, out_iface=bridge,
-                                                comment=note))
+                b.chain(pre).append(IptablesRule(notrack, dst=ip, in_iface=bridge,
+                                                 comment=note))
+                b.chain(out).append(IptablesRule(notrack, dst=ip, out_iface=bridge,
+                                                 comment=note))
         nat = raw_zones(snap, local) if family == 4 else None
         if nat:
             b.chain(pre).extend(nat.prerouting_first)
@@ -85,10 +87,10 @@ def _build_raw(snap: Snapshot, local: list[Port]) -> dict[tuple[int, str], Table
                 if zone is None:
                     continue
                 note = f"zone for bridge {bridge}"
-                b.chain(pre).append(render_rule(f"-j CT --zone {zone}", in_iface=bridge,
-                                                comment=note))
-                b.chain(out).append(render_rule(f"-j CT --zone {zone}", out_iface=bridge,
-                                                comment=note))
+                b.chain(pre).append(IptablesRule(jump("CT", opt("--zone", zone)),
+                                                 in_iface=bridge, comment=note))
+                b.chain(out).append(IptablesRule(jump("CT", opt("--zone", zone)),
+                                                 out_iface=bridge, comment=note))
         if nat:
             b.chain(pre).extend(nat.prerouting_last)
         tables[(family, "raw")] = b.build()

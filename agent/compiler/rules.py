@@ -14,59 +14,60 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
-from agent import protocols
 from agent.compiler.inputs import Snapshot
 from agent.compiler.memo import SizedLru
-from agent.compiler.names import Names
-from agent.dataplane.ruleset import IpSet, render_rule
 from agent.model import Rule
+from agent.vocab import protocols
+from agent.vocab.names import Names
+from agent.vocab.rules import IptablesRule, Match, Target, icmp, match_set, multiport, ports
+from agent.vocab.ruleset import IpSet
 
 ANY_NET = {4: "0.0.0.0/0", 6: "::/0"}
 
 
 @lru_cache(maxsize=1 << 16)
-def render_sg_rule(rule: Rule, target: str, names: Names) -> str:
+def render_sg_rule(rule: Rule, target: Target, names: Names) -> IptablesRule:
     """`rule` as one iptables rule ending in `target` (e.g. `-j RETURN`).
 
     A pure function of frozen values, so it is memoised: a group's rules are
-    rendered once, not once per port and apply.
+    built once, not once per port and apply.
     """
     ingress = rule.direction == "ingress"
     prefix, local = (None if p == ANY_NET[rule.family] else p
                      for p in (rule.remote_ip_prefix, rule.local_ip_prefix))
     src, dst = (prefix, local) if ingress else (local, prefix)
-    matches: list[str] = []
+    matches: list[Match] = []
     proto = protocols.token(rule.protocol) if rule.protocol is not None else None
     if rule.protocol in protocols.ICMP_PROTOCOLS and rule.port_min is not None:
         kind = f"{rule.port_min}/{rule.port_max}" if rule.port_max is not None \
             else str(rule.port_min)
-        matches.append(f"-m icmp --icmp-type {kind}" if rule.protocol == 1
-                       else f"-m icmp6 --icmpv6-type {kind}")
+        matches.append(icmp(4 if rule.protocol == 1 else 6, kind))
     elif rule.protocol in protocols.PORT_PROTOCOLS:
         matches += _port_matches(rule)
     set_name = remote_set_name(rule, names)
     if set_name:
-        matches.append(f"-m set --match-set {set_name} {'src' if ingress else 'dst'}")
-    return render_rule(target, src=src, dst=dst, proto=proto, matches=matches,
-                       comment=describe(rule))
+        matches.append(match_set(set_name, "src" if ingress else "dst"))
+    return IptablesRule(target, src=src, dst=dst, proto=proto, matches=tuple(matches),
+                      comment=describe(rule))
 
 
-def _port_matches(rule: Rule) -> list[str]:
+def _port_matches(rule: Rule) -> list[Match]:
     """tcp/udp/sctp/dccp use their module for single ports; ranges and udplite multiport."""
     module = protocols.token(rule.protocol) if rule.protocol in protocols.MODULE_PROTOCOLS \
         else None
-    singles = []
+    singles: dict[str, str] = {}
     ranges = []
     for flag, low, high in (("sport", rule.source_port_min, rule.source_port_max),
                             ("dport", rule.port_min, rule.port_max)):
         if low is None:
             continue
         if low == high and module:
-            singles.append(f"--{flag} {low}")
+            singles[flag] = str(low)
         else:
             span = str(low) if low == high else f"{low}:{high}"
-            ranges.append(f"-m multiport --{flag}s {span}")
-    out = [f"-m {module} " + " ".join(singles)] if singles else []
+            ranges.append(multiport(f"--{flag}s", span))
+    out = [ports(module, singles.get("sport"), singles.get("dport"))] \
+        if singles and module else []
     return out + ranges
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import ipaddress
 
-from agent.dataplane.ruleset import render_rule
 from agent.model import Port
+from agent.vocab.rules import IptablesRule, Target, mac_source
 
 ANY_NET = {4: "0.0.0.0/0", 6: "::/0"}
 
 
-def spoof_rules(port: Port, family: int, allowed: str) -> list[str]:
+def spoof_rules(port: Port, family: int, allowed: Target) -> list[IptablesRule]:
     """One rule per allowed (source, MAC) pair, ending in `allowed` (e.g. `-g <profile>`)."""
     pairs: list[tuple[str, str]] = []
     for pair in port.allowed_address_pairs:  # canonical networks from the model
@@ -34,12 +34,12 @@ def spoof_rules(port: Port, family: int, allowed: str) -> list[str]:
         pairs += [(f"{eui64_link_local(m)}/128", m) for m in dict.fromkeys(macs)]
     rules = []
     if not port.fixed_ips and not port.allowed_address_pairs:
-        rules.append(render_rule(allowed, matches=[f"-m mac --mac-source {port.mac_address}"],
-                                 comment="port without IPs any address from its MAC"))
+        rules.append(IptablesRule(allowed, matches=(mac_source(port.mac_address),),
+                                  comment="port without IPs any address from its MAC"))
     for net, mac in dict.fromkeys(pairs):
-        rules.append(render_rule(allowed, src=None if net == ANY_NET[family] else net,
-                                 matches=[f"-m mac --mac-source {mac}"],
-                                 comment="allowed IP and MAC pair"))
+        rules.append(IptablesRule(allowed, src=None if net == ANY_NET[family] else net,
+                                  matches=(mac_source(mac),),
+                                  comment="allowed IP and MAC pair"))
     return rules
 
 

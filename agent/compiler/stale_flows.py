@@ -33,33 +33,17 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
 from functools import cached_property
 
-from agent import protocols
 from agent.compiler.flows import port_addresses
 from agent.compiler.inputs import Snapshot
 from agent.model import Port, Rule
+from agent.vocab import protocols
+from agent.vocab.flows import Flow
 
 ICMPV6 = 58
 DHCP_PORTS = frozenset({67, 68, 546, 547})
 TRUSTED_OWNER = "network:"
-
-
-@dataclass(frozen=True)
-class Flow:
-    """One conntrack entry, as its first packet saw it (the original tuple)."""
-
-    family: int
-    proto: int
-    src: str
-    dst: str
-    sport: int | None = None
-    dport: int | None = None
-    icmp_type: int | None = None
-    icmp_code: int | None = None
-    zone: int = 0
-    nat: bool = False  # the reply tuple is not the original's mirror
 
 
 class _Networks:

@@ -16,8 +16,8 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
-from agent import protocols
 from agent.model import Port, Rule
+from agent.vocab import protocols
 
 FAR_SIDE = {"ingress": "source_ip_prefix", "egress": "dest_ip_prefix"}
 NEAR_SIDE = {"ingress": "dest_ip_prefix", "egress": "source_ip_prefix"}

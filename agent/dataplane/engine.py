@@ -29,7 +29,6 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from agent.compiler.names import Names
 from agent.dataplane.backend import Backend
 from agent.dataplane.command import KernelWriteError
 from agent.dataplane.heap import release_heap
@@ -42,7 +41,8 @@ from agent.dataplane.ipsets import (
 )
 from agent.dataplane.plan import KernelTable, TablePlan, parse_save, plan_table
 from agent.dataplane.restore_backend import normalise_proto
-from agent.dataplane.ruleset import TABLE_ORDER, Ruleset
+from agent.vocab.names import Names
+from agent.vocab.ruleset import TABLE_ORDER, Ruleset
 
 K = TypeVar("K", bound=Hashable)
 
@@ -246,7 +246,7 @@ class Engine:
             report.hook_changes += len(plan.hook_inserts) + len(plan.hook_deletes)
             report.lines_written += len(plan.lines())
             report.touched.setdefault((plan.family, plan.table), set()).update(
-                plan.rewrites, plan.deletes, (chain for chain, _ in plan.hook_inserts),
+                plan.rewrites, plan.deletes, (hook.chain for hook in plan.hook_inserts),
                 (chain for chain, _ in plan.hook_deletes))
 
         for line in set_plan.after:

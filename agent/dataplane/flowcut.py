@@ -39,8 +39,7 @@ from typing import Any
 from pyroute2 import Conntrack, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from agent.compiler.flows import FlowCut
-from agent.compiler.stale_flows import Flow
+from agent.vocab.flows import Flow, FlowCut
 
 LOG = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from agent.dataplane.command import KernelWriteError, run
-from agent.dataplane.ruleset import IpSet
+from agent.vocab.ruleset import IpSet
 
 FAMILY_WORD = {4: "inet", 6: "inet6"}
 DEFAULT_MAXELEM = 65536  # the kernel's, when `create` names none
@@ -56,7 +56,7 @@ def maxelem_for(count: int) -> int:
 def temporary_name(name: str) -> str:
     """The name a set is rebuilt under. It keeps the head of `name` (so it is
     owned too, and a crash leaves a set the next apply destroys) and puts `~`
-    where no name from agent/compiler/names.py has it."""
+    where no name from agent/vocab/names.py has it."""
     digest = hashlib.sha256(f"{name} resize".encode()).hexdigest()[:7]
     return name[:MAX_IPSET_NAME - 8] + "~" + digest
 

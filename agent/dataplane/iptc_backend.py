@@ -12,18 +12,20 @@ Rules of this room:
    `[agent] netns`) and closes the handle when done: no handle outlives a
    commit or can carry one namespace's table into another.
 3. One transaction per table, under the host's xtables lock: read the table,
-   run the plan's script (`TablePlan.lines()`, what iptables-restore would
-   run) line by line on that copy, commit once. Any error discards the copy
+   run the plan's operations (`TablePlan.operations()`, the steps
+   iptables-restore would run) one by one on that copy, commit once. Any error discards the copy
    (nothing reaches the kernel) and raises KernelWriteError naming the chain
    and the rule. Rules are built before the xtables lock is taken, so it is
    held for read-modify-commit only.
-4. Generic translation. A rule spec is the canonical iptables-save text. It is
-   read the way iptables reads it: header options (-s -d -i -o -p, with `!`),
-   `-m NAME` followed by options handed to that extension's own parser in
-   libxtables, then `-j`/`-g`. No extension is special-cased here, so any
-   match or target iptables-restore accepts works, byte for byte the same.
-   A spec recurs on many ports, so each distinct spec, and each distinct
-   match or target in it, is parsed once and its bytes reused.
+4. Generic translation. Our rules are typed values (agent/vocab/rules.py):
+   the header fields go to the entry, and each match's and the target's
+   options are handed to that extension's own parser in libxtables, as
+   iptables does. No extension is special-cased here, so any match or target
+   iptables-restore accepts works, byte for byte the same. A rule recurs on
+   many ports, so each distinct rule, and each distinct match or target in
+   it, is translated once and its bytes reused. The one text still read is
+   a stale hook the kernel showed (`-D`), as a value (agent/vocab/rule_text.py),
+   to be deleted by exact match.
 5. stdout is never redirected. python-iptables reads parameters back by
    dup2-ing fd 1 to a pipe while an extension prints (`Rule.final_check`,
    attribute reads); another thread's output would be lost or, worse, parsed
@@ -36,7 +38,6 @@ Rules of this room:
 from __future__ import annotations
 
 import ctypes
-import re
 import socket
 import threading
 from collections.abc import Collection
@@ -46,25 +47,22 @@ from typing import Any
 import iptc
 from iptc.xtables import XT_INV_PROTO, xt_align, xtables
 
-from agent import protocols
 from agent.dataplane.command import KernelWriteError, run
-from agent.dataplane.plan import TablePlan
+from agent.dataplane.plan import Operation, TablePlan
 from agent.dataplane.restore_backend import BINARIES, list_chain
 from agent.dataplane.xtables_lock import xtables_lock
+from agent.vocab import protocols
+from agent.vocab.rule_text import parse_rule_text
+from agent.vocab.rules import IptablesRule
 
 # Serialises every use of python-iptables in this process (rule 1).
 _IPTC_LOCK = threading.Lock()
 
-# iptables-save quoting: a double-quoted token with backslash escapes, or a bare word.
-TOKEN_RE = re.compile(r'"((?:[^"\\]|\\.)*)"|(\S+)')
-UNESCAPE_RE = re.compile(r"\\(.)")
 
 VERDICTS = frozenset({"ACCEPT", "DROP", "RETURN", "QUEUE"})
-HEADER_OPTIONS = {"-s": "src", "--source": "src", "-d": "dst", "--destination": "dst",
-                  "-i": "in_interface", "--in-interface": "in_interface",
-                  "-o": "out_interface", "--out-interface": "out_interface",
-                  "-p": "protocol", "--protocol": "protocol"}
-FLAGS = {"-m": "-m", "--match": "-m", "-j": "-j", "--jump": "-j", "-g": "-g", "--goto": "-g"}
+# The python-iptables attribute of each header flag.
+HEADER_FIELDS = {"-s": "src", "-d": "dst", "-i": "in_interface", "-o": "out_interface",
+                 "-p": "protocol"}
 # Extensions whose parser resolves a name in the kernel (an ipset's index), so
 # their bytes are valid only while that object lives: never reused across commits.
 KERNEL_RESOLVED = frozenset({"set", "SET"})
@@ -75,9 +73,9 @@ XTTYPE_NONE = 0
 MAX_VALUES = 2
 # getopt's index into argv, which an old-style parser advances past extra values.
 OPTIND = ctypes.c_int.in_dll(ctypes.CDLL(None), "optind")
-# Distinct specs (or blobs, or names) a builder keeps after a commit. Most
-# specs are port-specific (their comment carries a hash), so a larger cache
-# buys little and costs about 1 KB a spec in RSS.
+# Distinct rules (or blobs, or names) a builder keeps after a commit. Most
+# rules are port-specific (spoof pairs, dispatch), so a larger cache buys
+# little and costs about 1 KB a rule in RSS.
 MAX_CACHED_SPECS = 5_000
 
 
@@ -129,74 +127,16 @@ class Built:
     jump: str | None                    # the user chain it jumps or goes to
 
 
-def tokenize(spec: str) -> list[tuple[str, bool]]:
-    """Split a spec as iptables-save quotes it: (text, was_quoted) pairs.
-
-    Quotedness matters: a quoted token is always a value, even one that starts
-    with `-` or is `!`. (shlex loses that, and keeps the backslash of the `\\'`
-    iptables-save writes for a quote inside a comment.)
-    """
-    out = []
-    for quoted, bare in TOKEN_RE.findall(spec):  # a bare word is never empty
-        if bare:
-            out.append((bare, False))
-        else:
-            out.append((UNESCAPE_RE.sub(r"\1", quoted) if "\\" in quoted else quoted, True))
-    return out
-
-
-def split_spec(spec: str) -> tuple[list[tuple[str, bool, str]], list[Segment]]:
-    """A spec as header options [(field, negated, value)] and extension segments.
-
-    A token is a value when it is quoted or starts with neither `-` nor `!`;
-    every `--option` belongs to the `-m`/`-j`/`-g` before it; `!` negates
-    the option after it.
-    """
-    tokens = tokenize(spec)
-    header: list[tuple[str, bool, str]] = []
-    segments: list[Segment] = []
-    options: list[tuple[bool, str, tuple[str, ...]]] = []
-    negate = False
-    i = 0
-    while i < len(tokens):
-        text, quoted = tokens[i]
-        if quoted:
-            raise SpecError(f"unexpected value {text!r}")
-        i += 1
-        if text == "!":
-            if negate:
-                raise SpecError("two '!' in a row")
-            negate = True
-            continue
-        values = []
-        while i < len(tokens) and (tokens[i][1] or tokens[i][0][0] not in "-!"):
-            values.append(tokens[i][0])
-            i += 1
-        flag = FLAGS.get(text)
-        if flag is None and text.startswith("--") and text not in HEADER_OPTIONS:
-            if not segments:
-                raise SpecError(f"option {text} outside a -m match or -j target")
-            options.append((negate, text, tuple(values)))
-        elif len(values) != 1:
-            raise SpecError(f"{text} takes one argument, got {values}")
-        elif text in HEADER_OPTIONS:
-            header.append((HEADER_OPTIONS[text], negate, values[0]))
-        elif flag is None:
-            raise SpecError(f"unsupported option {text}")
-        elif negate:
-            raise SpecError(f"'!' cannot negate {text}")
-        else:
-            if segments:
-                segments[-1] = Segment(segments[-1].flag, segments[-1].name, tuple(options))
-            segments.append(Segment(flag, values[0]))
-            options = []
-        negate = False
-    if negate:
-        raise SpecError("'!' at the end")
-    if segments:
-        segments[-1] = Segment(segments[-1].flag, segments[-1].name, tuple(options))
-    if any(s.flag != "-m" for s in segments[:-1]):
-        raise SpecError("one -j/-g, after every -m")
+def segments_of(rule: IptablesRule) -> tuple[list[tuple[str, bool, str]], list[Segment]]:
+    """One of our rules as header options [(field, negated, value)] and segments."""
+    header = [(HEADER_FIELDS[flag], negated, value) for flag, value, negated in rule.header()]
+    segments = [Segment("-m", "comment", ((False, "--comment", (rule.comment,)),))] \
+        if rule.comment else []
+    segments += [Segment("-m", m.module, tuple((o.negated, o.flag, o.values)
+                                               for o in m.options)) for m in rule.matches]
+    target = rule.target
+    segments.append(Segment("-g" if target.goto else "-j", target.name,
+                            tuple((o.negated, o.flag, o.values) for o in target.options)))
     return header, segments
 
 
@@ -215,7 +155,7 @@ def protocol_number(word: str) -> int:
 
 
 class RuleBuilder:
-    """Translates canonical rule specs of one family into libiptc entries.
+    """Translates rules of one family into libiptc entries.
 
     An entry is the ip header, one blob per match and one for the target.
     Each blob is made by the extension's own parser once per distinct
@@ -240,7 +180,7 @@ class RuleBuilder:
         self._arity: dict[tuple[str, str, str], tuple[int, int] | None] = {}
         self._blobs: dict[tuple[int, int, Segment], Blob] = {}
         self._volatile: dict[tuple[int, int, Segment], Blob] = {}
-        self._specs: dict[str, Built] = {}
+        self._specs: dict[IptablesRule, Built] = {}
 
     def begin(self) -> None:
         """Start a commit: forget kernel-resolved blobs."""
@@ -255,7 +195,7 @@ class RuleBuilder:
             for cache in caches:
                 cache.clear()
 
-    def build(self, spec: str, chains: Collection[str] = ()) -> Built:
+    def build(self, spec: IptablesRule, chains: Collection[str] = ()) -> Built:
         """Translate `spec`; raise SpecError naming the offending part.
 
         `chains` are names known to be user chains (the plan's own): a jump to
@@ -276,8 +216,8 @@ class RuleBuilder:
                 self._specs[spec] = built
         return built
 
-    def _build(self, spec: str, chains: Collection[str]) -> tuple[Built, bool]:
-        header, segments = split_spec(spec)
+    def _build(self, spec: IptablesRule, chains: Collection[str]) -> tuple[Built, bool]:
+        header, segments = segments_of(spec)
         rule = self._rule
         rule.rule = None  # a fresh, zeroed entry header
         for field, negate, word in header:
@@ -469,30 +409,35 @@ class IptcBackend:
                         table.close()  # frees the copy; uncommitted changes are dropped
                     self._builders[plan.family].end()
 
-    def _build_all(self, plan: TablePlan) -> dict[str, Built]:
-        """Every spec the plan appends, inserts or deletes, translated before the lock."""
+    def _build_all(self, plan: TablePlan) -> dict[IptablesRule | str, Built]:
+        """Every rule the plan appends, inserts or deletes, translated before the lock."""
         builder = self._builders[plan.family]
         builder.begin()
-        specs = [(chain, spec) for chain, rules in plan.rewrites.items() for spec in rules]
-        built: dict[str, Built] = {}
-        for chain, spec in specs + plan.hook_inserts + plan.hook_deletes:
-            if spec not in built:
+        built: dict[IptablesRule | str, Built] = {}
+        for op in plan.operations():
+            if op.rule is not None and op.rule not in built:
                 try:
-                    built[spec] = builder.build(spec, plan.rewrites.keys())
-                except SpecError as exc:
-                    raise KernelWriteError(f"{plan.table} v{plan.family}: chain {chain}: "
-                                           f"rule {spec!r}: {exc}") from exc
+                    rule = parse_rule_text(op.rule) if isinstance(op.rule, str) else op.rule
+                    built[op.rule] = builder.build(rule, plan.rewrites.keys())
+                except (SpecError, ValueError) as exc:
+                    raise KernelWriteError(f"{plan.table} v{plan.family}: chain {op.chain}: "
+                                           f"rule {_text(op.rule)!r}: {exc}") from exc
         return built
 
 
-class _Replay:
-    """The plan's script, `TablePlan.lines()`, run line by line on one table handle.
+def _text(rule: IptablesRule | str) -> str:
+    return rule if isinstance(rule, str) else rule.text
 
-    Replaying the very lines iptables-restore would run keeps the two backends'
+
+class _Replay:
+    """The plan's operations, `TablePlan.operations()`, run one by one on one table handle.
+
+    Replaying the very steps iptables-restore would run keeps the two backends'
     order of operations the same, whatever plan.py decides it should be.
     """
 
-    def __init__(self, table: iptc.Table, plan: TablePlan, built: dict[str, Built]) -> None:
+    def __init__(self, table: iptc.Table, plan: TablePlan,
+                 built: dict[IptablesRule | str, Built]) -> None:
         self.table = table
         self.plan = plan
         self.built = built
@@ -500,49 +445,48 @@ class _Replay:
 
     def run(self) -> None:
         table = self.table
-        for line in self.plan.lines():
-            op, chain, rest = (line.split(" ", 2) + [""])[:3]
-            if op.startswith(":"):  # ":name - [0:0]": create, or flush if it exists
-                name = op[1:]
-                self._do(name, None, table.flush_entries if table.is_chain(name)
-                         else table.create_chain, name)
-            elif op == "-A":
-                self._do(chain, rest, table.append_entry, chain, self._checked(chain, rest).entry)
-            elif op == "-I":
-                position, _, spec = rest.partition(" ")
-                self._do(chain, spec, table.insert_entry, chain,
-                         self._checked(chain, spec).entry, int(position) - 1)
-            elif op == "-D":
-                built = self._checked(chain, rest)
-                self._do(chain, rest, table.delete_entry, chain, built.entry, built.mask)
-            elif op == "-F":
-                self._do(chain, None, table.flush_entries, chain)
-            elif op == "-X":
-                self._do(chain, None, table.delete_chain, chain)
+        for op in self.plan.operations():
+            chain = op.chain
+            if op.op == ":":  # create, or flush if it exists
+                self._do(op, table.flush_entries if table.is_chain(chain)
+                         else table.create_chain, chain)
+            elif op.op == "-A":
+                self._do(op, table.append_entry, chain, self._checked(op).entry)
+            elif op.op == "-I":
+                self._do(op, table.insert_entry, chain, self._checked(op).entry, 0)
+            elif op.op == "-D":
+                built = self._checked(op)
+                self._do(op, table.delete_entry, chain, built.entry, built.mask)
+            elif op.op == "-F":
+                self._do(op, table.flush_entries, chain)
+            elif op.op == "-X":
+                self._do(op, table.delete_chain, chain)
             else:
                 raise KernelWriteError(f"{self.plan.table} v{self.plan.family}: the iptc "
-                                       f"backend cannot run {line!r}")
+                                       f"backend cannot run {op.line()!r}")
 
-    def _checked(self, chain: str, spec: str) -> Built:
-        """`spec`'s entry, once its jump target is known to be a user chain here.
+    def _checked(self, op: Operation) -> Built:
+        """The operation's entry, once its jump target is known to be a user chain here.
 
         libiptc would take an unknown name for a target extension and the
         kernel would refuse the whole table without saying which rule.
         """
-        built = self.built[spec]
+        assert op.rule is not None
+        built = self.built[op.rule]
         if built.jump and built.jump not in self.chains_known:
             if not self.table.is_chain(built.jump) or self.table.builtin_chain(built.jump):
                 raise KernelWriteError(
-                    f"{self.plan.table} v{self.plan.family}: chain {chain}: rule {spec!r} "
-                    f"jumps to {built.jump!r}, which is neither a user chain of this table "
-                    f"nor a target extension python-iptables can load for IPv{self.plan.family}")
+                    f"{self.plan.table} v{self.plan.family}: chain {op.chain}: rule "
+                    f"{_text(op.rule)!r} jumps to {built.jump!r}, which is neither a user "
+                    f"chain of this table nor a target extension python-iptables can load "
+                    f"for IPv{self.plan.family}")
             self.chains_known.add(built.jump)
         return built
 
-    def _do(self, chain: str, spec: str | None, op: Any, *args: Any) -> None:
+    def _do(self, op: Operation, action: Any, *args: Any) -> None:
         try:
-            op(*args)
+            action(*args)
         except iptc.IPTCError as exc:
-            what = f"rule {spec!r}" if spec else "the chain"
-            raise KernelWriteError(f"{self.plan.table} v{self.plan.family}: chain {chain}: "
+            what = f"rule {_text(op.rule)!r}" if op.rule is not None else "the chain"
+            raise KernelWriteError(f"{self.plan.table} v{self.plan.family}: chain {op.chain}: "
                                    f"{what}: {exc}") from exc

@@ -2,15 +2,20 @@
 
 Rules of this room:
 
-1. Pure: text in (iptables-save output, a desired `Table`), text out (an
-   `iptables-restore --noflush` script). The backends do the I/O.
+1. Pure: the kernel's text in (iptables-save output) with a desired `Table`
+   of typed rules, a plan out: structured operations, and the same as an
+   `iptables-restore --noflush` script. The backends do the I/O.
 2. Ownership is by name: chains starting with `<chain_prefix>-` are ours, and
    so are rules in built-in chains that jump to one of them. Nothing else is
    ever named in a script, so foreign chains and rules cannot be touched.
 3. Smallest change: a chain is rewritten only when its rule list differs from
-   the desired one; hooks are added or removed by exact text; chains that are
-   no longer wanted are flushed and deleted last, in the same transaction.
-   An empty plan means the kernel already matches, and nothing is written.
+   the desired one (our rules render to the kernel's own canonical text, so
+   the texts are compared as they are); hooks are added or removed by exact
+   text; chains that are no longer wanted are flushed and deleted last, in
+   the same transaction. An empty plan means the kernel already matches, and
+   nothing is written.
+4. Only the kernel's text is ever parsed here (`parse_save`, and the jump
+   target of rules in built-in and foreign chains); our own rules are values.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.dataplane.ruleset import Table
+from agent.vocab.rules import IptablesRule
+from agent.vocab.ruleset import Hook, Table
 
 BUILTIN_CHAINS = frozenset({"INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"})
 PROTO_RE = re.compile(r"(^|\s)-p (\S+)")
@@ -70,7 +76,8 @@ def _memo(cache: dict[str, str], word: str, fn: Callable[[str], str]) -> str:
 
 
 def jump_target(spec: str) -> str | None:
-    """The chain a rule jumps or goes to, if any; quoted text (comments) is skipped."""
+    """The chain a kernel rule jumps or goes to, if any; quoted text (comments) is
+    skipped. Only for rules read from the kernel: ours carry `IptablesRule.jump`."""
     tokens = QUOTED_RE.sub('""', spec).split() if '"' in spec else spec.split()
     for flag in ("-j", "-g"):
         if flag in tokens:
@@ -78,6 +85,28 @@ def jump_target(spec: str) -> str | None:
             if i + 1 < len(tokens):
                 return tokens[i + 1]
     return None
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One step of a table transaction: create/flush (`:`) a chain, append (`-A`)
+    or insert at the top (`-I`) one of our rules, delete (`-D`) a rule the
+    kernel showed (by its text), flush (`-F`) or delete (`-X`) a chain."""
+
+    op: str
+    chain: str
+    rule: IptablesRule | str | None = None
+
+    def line(self) -> str:
+        if self.op == ":":
+            return f":{self.chain} - [0:0]"
+        if self.op == "-I":
+            assert isinstance(self.rule, IptablesRule)
+            return f"-I {self.chain} 1 {self.rule.text}"
+        if self.rule is None:
+            return f"{self.op} {self.chain}"
+        text = self.rule if isinstance(self.rule, str) else self.rule.text
+        return f"{self.op} {self.chain} {text}"
 
 
 @dataclass
@@ -91,9 +120,9 @@ class TablePlan:
 
     family: int
     table: str
-    rewrites: dict[str, tuple[str, ...]] = field(default_factory=dict)  # chain -> new rules
-    hook_inserts: list[tuple[str, str]] = field(default_factory=list)    # (builtin, spec), top
-    hook_deletes: list[tuple[str, str]] = field(default_factory=list)    # (builtin, spec)
+    rewrites: dict[str, tuple[IptablesRule, ...]] = field(default_factory=dict)  # new rules
+    hook_inserts: list[Hook] = field(default_factory=list)             # at the top, in order
+    hook_deletes: list[tuple[str, str]] = field(default_factory=list)  # (builtin, kernel text)
     flushes: list[str] = field(default_factory=list)                    # stale chains
     deletes: list[str] = field(default_factory=list)                    # stale, unreferenced
 
@@ -102,16 +131,26 @@ class TablePlan:
         return not (self.rewrites or self.hook_inserts or self.hook_deletes or self.flushes
                     or self.deletes)
 
-    def lines(self) -> list[str]:
-        out = [f":{name} - [0:0]" for name in self.rewrites]
-        out += [f"-A {name} {spec}" for name, rules in self.rewrites.items() for spec in rules]
-        # Deletes first (a delete by spec removes the first match), then inserts at
-        # the top in reverse, which keeps several hooks in their given order.
-        out += [f"-D {chain} {spec}" for chain, spec in self.hook_deletes]
-        out += [f"-I {chain} 1 {spec}" for chain, spec in reversed(self.hook_inserts)]
-        out += [f"-F {name}" for name in self.flushes]
-        out += [f"-X {name}" for name in self.deletes]
+    def operations(self) -> list[Operation]:
+        """The plan as one transaction's steps, in the order they must run.
+
+        Chains to rewrite are created (or flushed) and filled; then hooks are
+        deleted (a delete by spec removes the first match) and inserted at
+        the top in reverse, which keeps several hooks in their given order;
+        stale chains are flushed, then deleted.
+        """
+        out: list[Operation] = [Operation(":", name) for name in self.rewrites]
+        out += [Operation("-A", name, rule) for name, rules in self.rewrites.items()
+                for rule in rules]
+        out += [Operation("-D", chain, spec) for chain, spec in self.hook_deletes]
+        out += [Operation("-I", hook.chain, hook.rule) for hook in reversed(self.hook_inserts)]
+        out += [Operation("-F", name) for name in self.flushes]
+        out += [Operation("-X", name) for name in self.deletes]
         return out
+
+    def lines(self) -> list[str]:
+        """`operations()` as iptables-restore lines."""
+        return [op.line() for op in self.operations()]
 
     def script(self) -> str:
         return "\n".join([f"*{self.table}", *self.lines(), "COMMIT", ""])
@@ -120,12 +159,12 @@ class TablePlan:
         """Replay this plan on `kernel` as the kernel itself would."""
         chains = kernel.chains
         for name, rules in self.rewrites.items():
-            chains[name] = list(rules)
+            chains[name] = [rule.text for rule in rules]
         for chain, spec in self.hook_deletes:
             if spec in chains.get(chain, []):
                 chains[chain].remove(spec)
-        for chain, spec in reversed(self.hook_inserts):
-            chains.setdefault(chain, []).insert(0, spec)
+        for hook in reversed(self.hook_inserts):
+            chains.setdefault(hook.chain, []).insert(0, hook.spec)
         for name in self.flushes:
             chains[name] = []
         for name in self.deletes:
@@ -145,29 +184,30 @@ def plan_table(desired: Table | None, actual: KernelTable | None, family: int, t
     have_owned = {name: rules for name, rules in have.items() if owns(name)}
 
     plan.rewrites = {name: tuple(rules) for name, rules in want.items()
-                     if force or have_owned.get(name) != list(rules)}
+                     if force or have_owned.get(name) != [rule.text for rule in rules]}
     stale = sorted(name for name in have_owned if name not in want)
 
     hooks = desired.hooks if desired else ()
-    wanted: dict[str, list[str]] = {}
+    wanted: dict[str, list[Hook]] = {}
     for hook in hooks:
-        wanted.setdefault(hook.chain, []).append(hook.spec)
+        wanted.setdefault(hook.chain, []).append(hook)
     for chain, rules in have.items():
         if chain not in BUILTIN_CHAINS:
             continue
         want = wanted.get(chain, [])
+        specs = [hook.spec for hook in want]
         ours = [spec for spec in rules
                 if (target := jump_target(spec)) is not None and owns(target)]
-        plan.hook_deletes += [(chain, spec) for spec in ours if spec not in want]
-        kept = [spec for spec in ours if spec in want]
-        if kept != want:
+        plan.hook_deletes += [(chain, spec) for spec in ours if spec not in specs]
+        kept = [spec for spec in ours if spec in specs]
+        if kept != specs:
             # Missing, duplicated or out of order: our hooks in this built-in are
             # removed and put back in order, in the same transaction.
             plan.hook_deletes += [(chain, spec) for spec in kept]
-            plan.hook_inserts += [(chain, spec) for spec in want]
-    for chain, specs in wanted.items():
+            plan.hook_inserts += want
+    for chain, hooks_of_chain in wanted.items():
         if chain not in have:  # a built-in the kernel has not shown yet (fresh table)
-            plan.hook_inserts += [(chain, spec) for spec in specs]
+            plan.hook_inserts += hooks_of_chain
 
     # A stale chain still referenced from a foreign chain cannot be deleted
     # without touching that chain; leave it (emptied) rather than fail the table.

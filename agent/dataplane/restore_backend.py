@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 
-from agent import protocols
 from agent.dataplane.command import KernelWriteError, run
 from agent.dataplane.plan import TablePlan
+from agent.vocab import protocols
 
 LOG = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from agent.compiler import Snapshot, compile_ruleset
-from agent.compiler.names import Names
 from agent.dataplane.engine import Engine
 from agent.dataplane.restore_backend import RestoreBackend
 from agent.sources.policy_file import PolicyLoader
+from agent.vocab.names import Names
 from tests.support.agent import assert_root_clean
 from tests.support.in_netns import call_in_netns
 from tests.support.topology import NS_PREFIX, run, run_in
@@ -319,7 +319,7 @@ def test_iptables_save_of_our_rules_round_trips(writer: Writer) -> None:
         for table in ("filter", "raw"):
             for chain, rules in desired.tables[(family, table)].chains.items():
                 for rule in rules:
-                    assert f"-A {chain} {rule}" in text, (family, chain, rule)
+                    assert f"-A {chain} {rule.text}" in text, (family, chain, rule)
 
 
 def test_nothing_lands_in_the_root_namespace(writer: Writer) -> None:

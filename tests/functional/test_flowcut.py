@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 
 from agent.compiler import Snapshot, compile_ruleset
-from agent.compiler.flows import FlowCut
-from agent.compiler.names import Names
 from agent.compiler.stale_flows import FlowAudit
 from agent.dataplane import flowcut
 from agent.dataplane.engine import Engine
 from agent.dataplane.restore_backend import RestoreBackend
 from agent.model import parse_policy
+from agent.vocab.flows import FlowCut
+from agent.vocab.names import Names
 from tests.conformance.helpers import EGRESS_ALL, PASS, TcpSession, ingress, port_of
 from tests.support.in_netns import call_in_netns
 from tests.support.topology import Topology, serve, tcp_connect

@@ -32,11 +32,13 @@ from agent import netns  # noqa: E402
 from agent.compiler import NatSettings, Settings, Snapshot, compile_ruleset  # noqa: E402
 from agent.dataplane.command import KernelWriteError  # noqa: E402
 from agent.dataplane.engine import Engine  # noqa: E402
-from agent.dataplane.iptc_backend import IptcBackend, SpecError, split_spec  # noqa: E402
+from agent.dataplane.iptc_backend import IptcBackend  # noqa: E402
 from agent.dataplane.plan import BUILTIN_CHAINS, TablePlan, parse_save  # noqa: E402
 from agent.dataplane.restore_backend import RestoreBackend, normalise_proto  # noqa: E402
-from agent.dataplane.ruleset import Hook, Ruleset, Table, merge  # noqa: E402
 from agent.model import parse_policy  # noqa: E402
+from agent.vocab.rule_text import parse_rule_text  # noqa: E402
+from agent.vocab.rules import IptablesRule  # noqa: E402
+from agent.vocab.ruleset import Hook, Ruleset, Table, merge  # noqa: E402
 
 pytestmark = pytest.mark.kernel
 
@@ -238,14 +240,13 @@ HAND_WRITTEN = {
             "-m set ! --match-set hfw4gweb src,dst -j RETURN",
             "-m comment --comment \"-starts like an option\" -j hostfw-t-misc2",
             "! -p tcp -g hostfw-t-misc2",
-            "-m comment --comment \"only counts\"",
         ),
         "hostfw-t-misc2": ("-m mac --mac-source fa:16:3e:00:00:01 -j RETURN",)},
 }
-HAND_HOOKS = {(4, "nat"): (Hook("PREROUTING", "-j hostfw-t-pre"),
-                          Hook("POSTROUTING", "-j hostfw-t-post")),
-              (4, "raw"): (Hook("PREROUTING", "-j hostfw-t-raw"),),
-              (6, "raw"): (Hook("PREROUTING", "-j hostfw-t-raw"),)}
+HAND_HOOKS = {(4, "nat"): (Hook("PREROUTING", "hostfw-t-pre"),
+                          Hook("POSTROUTING", "hostfw-t-post")),
+              (4, "raw"): (Hook("PREROUTING", "hostfw-t-raw"),),
+              (6, "raw"): (Hook("PREROUTING", "hostfw-t-raw"),)}
 
 
 def representative(ports: int = 20, variant: int = 0, nat: bool = True,
@@ -259,9 +260,20 @@ def representative(ports: int = 20, variant: int = 0, nat: bool = True,
     assert compiled.errors == ()
     if not extras:
         return compiled.ruleset
-    hand = {key: Table(key[0], key[1], chains, HAND_HOOKS.get(key, ()))
+    hand = {key: Table(key[0], key[1], {name: rules(*texts) for name, texts in chains.items()},
+                       HAND_HOOKS.get(key, ()))
             for key, chains in HAND_WRITTEN.items()}
     return merge(compiled.ruleset, Ruleset(hand))
+
+
+def rules(*texts: str) -> tuple[IptablesRule, ...]:
+    """Rules written in iptables-save notation, as the values a Table holds."""
+    return tuple(parse_rule_text(text) for text in texts)
+
+
+def texts(table: Table) -> dict[str, list[str]]:
+    return {chain: [rule.text for rule in chain_rules]
+            for chain, chain_rules in table.chains.items()}
 
 
 def new_engine(backend: Any = None) -> Engine:
@@ -273,26 +285,6 @@ def owned(chains: dict[str, list[str]]) -> dict[str, list[str]]:
 
 
 # ---------------------------------------------------------------- translation
-
-def test_split_spec_keeps_quoted_values_and_negations() -> None:
-    header, segments = split_spec(
-        '! -s 10.0.0.0/8 -p tcp -m comment --comment "-x \\"y\\" !" '
-        '-m conntrack ! --ctstate DNAT -m set --match-set s src,dst -g hostfw-x')
-    assert header == [("src", True, "10.0.0.0/8"), ("protocol", False, "tcp")]
-    assert [(s.flag, s.name, s.options) for s in segments] == [
-        ("-m", "comment", ((False, "--comment", ('-x "y" !',)),)),
-        ("-m", "conntrack", ((True, "--ctstate", ("DNAT",)),)),
-        ("-m", "set", ((False, "--match-set", ("s", "src,dst")),)),
-        ("-g", "hostfw-x", ()),
-    ]
-
-
-@pytest.mark.parametrize("spec", ["--dport 80 -j ACCEPT", "-j ACCEPT -m tcp", "-s", "! ! -s x",
-                                  "-j A -j B", "-x 1", "! -m tcp", "-j ACCEPT !"])
-def test_split_spec_rejects_what_iptables_rejects(spec: str) -> None:
-    with pytest.raises(SpecError):
-        split_spec(spec)
-
 
 @pytest.mark.parametrize("spec", [
     "-p tcp -m tcp --dport -j ACCEPT",               # python-iptables would pass NULL: crash
@@ -307,7 +299,7 @@ def test_options_take_the_values_the_extension_declares(spec: str, ns: str,
                                                         writer: Writer) -> None:
     backend = writer(IptcBackend)
     with pytest.raises(KernelWriteError, match="hostfw-bad"):
-        writer(backend.commit, TablePlan(4, "filter", rewrites={"hostfw-bad": (spec,)}))
+        writer(backend.commit, TablePlan(4, "filter", rewrites={"hostfw-bad": rules(spec)}))
     assert "hostfw-bad" not in kernel(ns, 4).get("filter", {})
 
 
@@ -321,7 +313,7 @@ def test_kernel_prints_back_exactly_the_canonical_specs(ns: str, writer: Writer)
     again = writer(engine.apply, desired, True)
     assert again.tables_written == [], "the kernel text differs from the canonical specs"
     for (family, table), want in desired.tables.items():
-        assert owned(kernel(ns, family)[table]) == {c: list(r) for c, r in want.chains.items()}
+        assert owned(kernel(ns, family)[table]) == texts(want)
 
 
 def test_tables_are_byte_identical_to_iptables_legacy_restore(ns: str, writer: Writer) -> None:
@@ -456,7 +448,7 @@ def test_hooks_once_in_order_and_stale_chains_deleted(ns: str, writer: Writer) -
             have = owned(tables[table])
             if family == 4 and table == "filter":  # still referenced by a foreign chain:
                 assert have.pop(gone) == []        # flushed, not deleted
-            assert have == {c: list(r) for c, r in want.chains.items()}
+            assert have == texts(want)
         assert not owned(tables.get("nat", {}))
         hooks = [r for c, rules in tables.get("nat", {}).items() for r in rules
                  if NAMES.chain_prefix in r]
@@ -468,25 +460,25 @@ def test_hooks_once_in_order_and_stale_chains_deleted(ns: str, writer: Writer) -
 
 FAILING_PLANS = {
     "missing ipset": (
-        TablePlan(4, "filter", rewrites={"hostfw-new": ("-j RETURN",
+        TablePlan(4, "filter", rewrites={"hostfw-new": rules("-j RETURN",
                                                         "-m set --match-set hfw-nope src -j DROP")},
-                  hook_inserts=[("INPUT", "-j hostfw-new")]),
+                  hook_inserts=[Hook("INPUT", "hostfw-new")]),
         "hfw-nope"),
     "missing chain": (
-        TablePlan(4, "filter", rewrites={"hostfw-new": ("-j RETURN",),
+        TablePlan(4, "filter", rewrites={"hostfw-new": rules("-j RETURN"),
                                          "hostfw-accept": ("-j hostfw-missing",)},
                   flushes=["hostfw-sg-fallback"]),
         "hostfw-missing"),
     "refused by the kernel": (
-        TablePlan(4, "filter", rewrites={"hostfw-new": ("-j DNAT --to-destination 10.0.0.1",)},
-                  hook_inserts=[("FORWARD", "-j hostfw-new")]),
+        TablePlan(4, "filter", rewrites={"hostfw-new": rules("-j DNAT --to-destination 10.0.0.1")},
+                  hook_inserts=[Hook("FORWARD", "hostfw-new")]),
         "hostfw-new"),
     "chain still referenced": (
-        TablePlan(4, "filter", rewrites={"hostfw-new": ("-j RETURN",)},
+        TablePlan(4, "filter", rewrites={"hostfw-new": rules("-j RETURN")},
                   flushes=["hostfw-sg-fallback"], deletes=["hostfw-sg-fallback"]),
         "hostfw-sg-fallback"),
     "hook not there": (
-        TablePlan(6, "filter", rewrites={"hostfw-new": ("-j RETURN",)},
+        TablePlan(6, "filter", rewrites={"hostfw-new": rules("-j RETURN")},
                   hook_deletes=[("INPUT", "-j hostfw-new")]),
         "-j hostfw-new"),
 }
@@ -505,7 +497,7 @@ def test_failing_plan_raises_and_leaves_the_table_as_it_was(case: str, ns: str,
     assert named in str(failure.value)
     assert {f: save_lines(ns, f) for f in (4, 6)} == before
     # The same backend still commits a good plan afterwards.
-    writer(backend.commit, TablePlan(4, "filter", rewrites={"hostfw-new": ("-j RETURN",)}))
+    writer(backend.commit, TablePlan(4, "filter", rewrites={"hostfw-new": rules("-j RETURN")}))
     assert kernel(ns, 4)["filter"]["hostfw-new"] == ["-j RETURN"]
 
 
@@ -534,7 +526,7 @@ def test_each_commit_lands_in_the_calling_threads_namespace(ns: str, writer: Wri
 
 def test_commit_waits_for_the_xtables_lock_then_gives_up(ns: str, writer: Writer,
                                                         private_lock: Path) -> None:
-    plan = TablePlan(4, "filter", rewrites={"hostfw-locked": ("-j RETURN",)})
+    plan = TablePlan(4, "filter", rewrites={"hostfw-locked": rules("-j RETURN")})
     backend = writer(lambda: IptcBackend(lock_timeout=0.5))
     fd = os.open(private_lock, os.O_RDONLY | os.O_CREAT, 0o600)
     try:

@@ -25,9 +25,9 @@ import agent
 from agent.compiler import Compiled
 from agent.dataplane.command import KernelWriteError
 from agent.dataplane.engine import ApplyReport
-from agent.dataplane.ruleset import IpSet, Ruleset, Table
 from agent.dataplane.xtables_lock import xtables_lock
 from agent.metrics import Observer, parse_listen
+from agent.vocab.ruleset import IpSet, Ruleset, Table
 
 RESYNC = 30.0
 

@@ -30,11 +30,11 @@ from typing import Any
 import pytest
 
 from agent.compiler import Settings, Snapshot, compile_ruleset
-from agent.compiler.names import Names
 from agent.dataplane.engine import Engine
 from agent.dataplane.restore_backend import RestoreBackend
 from agent.model import parse_policy
 from agent.sources.policy_file import derive_members
+from agent.vocab.names import Names
 from tests.reliability.support import vm_port
 from tests.support.agent import AgentProcess, assert_root_clean
 from tests.support.in_netns import call_in_netns

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from agent.compiler.names import Names
 from agent.controller.diff import Notifications
 from agent.controller.notifier import AgentNotifier
 from agent.model import parse_port
+from agent.vocab.names import Names
 from tests.rpc.broker import Broker
 from tests.rpc.stack import Stack, notifier_transport, port, tcp_rule, wait_for
 from tests.support.topology import serve, tcp_connect

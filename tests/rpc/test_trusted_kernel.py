@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from agent.compiler import Settings, Snapshot, compile_ruleset
-from agent.compiler.names import Names
 from agent.dataplane.engine import Engine
 from agent.dataplane.restore_backend import RestoreBackend
 from agent.model import Policy, parse_policy
+from agent.vocab.names import Names
 from tests.conformance.helpers import FAIL, PASS, connect, spoof_send
 from tests.support.agent import assert_root_clean
 from tests.support.in_netns import call_in_netns

@@ -7,9 +7,8 @@ visible diff. The property tests pin what the layout promises: names fit the
 kernel and carry our prefixes, compiles are deterministic, a rule change
 touches one group's chains only, and the dispatch trees find every device.
 
-Goldens compare rules with the 8-hex hash taken out of the comment (see
-`unhash`); `test_every_rule_starts_its_comment_with_the_hash_of_its_body`
-checks the hashes themselves.
+Goldens compare the rules' rendered text (`IptablesRule.text`), which is
+what iptables-save prints for them.
 """
 
 from __future__ import annotations
@@ -26,14 +25,13 @@ import pytest
 from agent.compiler import Compiled, Settings, Snapshot, compile_ruleset
 from agent.compiler import filter as filter_module
 from agent.compiler.dispatch import FANOUT
-from agent.compiler.names import MAX_CHAIN, MAX_IPSET, Names
 from agent.dataplane.plan import parse_save
-from agent.dataplane.ruleset import Ruleset, render_rule, rule_hash
 from agent.model import Policy, parse_policy
 from agent.sources.policy_file import derive_members
+from agent.vocab.names import MAX_CHAIN, MAX_IPSET, Names
+from agent.vocab.rules import IptablesRule, call, jump, ports
+from agent.vocab.ruleset import Ruleset
 
-HASHED_COMMENT = re.compile(r'-m comment --comment "([0-9a-f]{8}) ')
-COMMENT = re.compile(r'-m comment --comment ("[^"]*"|\S+) ')
 TARGET = re.compile(r" -[jg] (\S+)")
 PHYSDEV = re.compile(r"-m physdev --physdev-(in|out) (\S+)")
 BUILTIN_TARGETS = {"ACCEPT", "DROP", "RETURN", "REJECT", "MARK", "CT", "LOG", "DNAT", "SNAT",
@@ -54,15 +52,8 @@ def compile_doc(doc: Mapping[str, Any], devices: Iterable[str],
     return compile_ruleset(Snapshot(load(doc), frozenset(devices), settings or Settings()))
 
 
-def unhash(rule: str) -> str:
-    """The rule with the hash taken out of its comment (every rule must have one)."""
-    out, count = HASHED_COMMENT.subn('-m comment --comment "', rule)
-    assert count == 1, rule
-    return out
-
-
 def chains(compiled: Compiled, family: int, table: str = "filter") -> dict[str, list[str]]:
-    return {name: [unhash(r) for r in rules]
+    return {name: [r.text for r in rules]
             for name, rules in compiled.ruleset.tables[(family, table)].chains.items()}
 
 
@@ -220,13 +211,14 @@ def dispatch(device: str, target: str, note: str, unknown: str = "DROP") -> dict
     """The two dispatch chains of a node with one port."""
     chain = target[len("-g hostfw-o"):] if target.startswith("-g") else ""
     to_target = f"-g hostfw-i{chain}" if chain else target
+    note = f'"{note}"' if " " in note else note
     return {
         "hostfw-from": [
-            f'-m comment --comment "{note}" -m physdev --physdev-in {device} {target}',
+            f'-m comment --comment {note} -m physdev --physdev-in {device} {target}',
             f'-m comment --comment "unknown device" -j {unknown}',
         ],
         "hostfw-to": [
-            f'-m comment --comment "{note}" -m physdev --physdev-out {device} '
+            f'-m comment --comment {note} -m physdev --physdev-out {device} '
             f'--physdev-is-bridged {to_target}',
             f'-m comment --comment "unknown device" -j {unknown}',
         ],
@@ -234,8 +226,8 @@ def dispatch(device: str, target: str, note: str, unknown: str = "DROP") -> dict
 
 
 # Profile chains are named by a digest of their rules: these are the web port's.
-WEB_PROFILES = {(4, "i"): "hostfw-pi4-4c5dbbfdfe", (4, "e"): "hostfw-pe4-356ffcc818",
-                (6, "i"): "hostfw-pi6-e0d245a673", (6, "e"): "hostfw-pe6-59fcb8023c"}
+WEB_PROFILES = {(4, "i"): "hostfw-pi4-48dbcb1ab7", (4, "e"): "hostfw-pe4-d4257591c5",
+                (6, "i"): "hostfw-pi6-ef06563ad2", (6, "e"): "hostfw-pe6-f603122f00"}
 WEB_MAC = "fa:16:3e:aa:bb:01"
 
 WEB_V4 = {
@@ -258,7 +250,7 @@ WEB_V4 = {
         '-m set --match-set hfw4gsg-web src -g hostfw-accept',
     ],
     "hostfw-ge4-sg-web": [
-        '-m comment --comment "any" -g hostfw-accept',
+        '-m comment --comment any -g hostfw-accept',
     ],
     **dispatch("tap5e4f0b1a-9c", "-g hostfw-o5e4f0b1a-9c", f"port {WEB_PORT}"),
 }
@@ -529,19 +521,19 @@ def group_rules(rules: list[dict[str, Any]], family: int = 4,
      '-p udp -m comment --comment "udp 53" -m udp --dport 53 -m multiport --sports 1000:2000 '
      '-g hostfw-accept'),
     (rule_dict(protocol="vrrp"),  # a vrrp rule with ports is rejected (test_model)
-     '-p 112 -m comment --comment "112" -g hostfw-accept'),
+     '-p 112 -m comment --comment 112 -g hostfw-accept'),
     (rule_dict(protocol="0"),
-     '-m comment --comment "any" -g hostfw-accept'),
+     '-m comment --comment any -g hostfw-accept'),
     (rule_dict(protocol="icmp", port_range_min=3, port_range_max=1),
      '-p icmp -m comment --comment "icmp 3-1" -m icmp --icmp-type 3/1 -g hostfw-accept'),
     (rule_dict(protocol="icmp", port_range_min=8, port_range_max=0),
      '-p icmp -m comment --comment "icmp 8-0" -m icmp --icmp-type 8/0 -g hostfw-accept'),
     (rule_dict(remote_ip_prefix="10.1.2.3"),
-     '-s 10.1.2.3/32 -m comment --comment "any" -g hostfw-accept'),
+     '-s 10.1.2.3/32 -m comment --comment any -g hostfw-accept'),
     (rule_dict(remote_ip_prefix="0.0.0.0/0", protocol="tcp"),
-     '-p tcp -m comment --comment "tcp" -g hostfw-accept'),
+     '-p tcp -m comment --comment tcp -g hostfw-accept'),
     (rule_dict(dest_ip_prefix="10.0.1.1", protocol="tcp"),
-     '-d 10.0.1.1/32 -p tcp -m comment --comment "tcp" -g hostfw-accept'),
+     '-d 10.0.1.1/32 -p tcp -m comment --comment tcp -g hostfw-accept'),
 ])
 def test_rule_translation_v4_ingress(rule: dict[str, Any], expected: str) -> None:
     assert group_rules([rule]) == [expected]
@@ -554,7 +546,7 @@ def test_rule_translation_v6_egress_prefix_and_type() -> None:
     assert group_rules(rules, 6, "e") == [
         '-d 2001:db8::/32 -p ipv6-icmp -m comment --comment "ipv6-icmp 128" -m icmp6 '
         '--icmpv6-type 128 -g hostfw-accept',
-        '-s 2001:db8::5/128 -p ipv6-icmp -m comment --comment "ipv6-icmp" -g hostfw-accept',
+        '-s 2001:db8::5/128 -p ipv6-icmp -m comment --comment ipv6-icmp -g hostfw-accept',
     ]
 
 
@@ -564,7 +556,7 @@ def test_identical_rules_are_rendered_once_in_order() -> None:
              rule_dict(protocol="tcp", port_range_min=22, port_range_max=22, id="dup")]
     assert group_rules(rules) == [
         '-p tcp -m comment --comment "tcp 22" -m tcp --dport 22 -g hostfw-accept',
-        '-p udp -m comment --comment "udp" -g hostfw-accept',
+        '-p udp -m comment --comment udp -g hostfw-accept',
     ]
 
 
@@ -649,7 +641,7 @@ def test_a_port_whose_chains_cannot_be_built_drops_everything(
 
 def test_spoof_rules_match_iptables_save_text_in_either_mac_case(web: Compiled) -> None:
     """iptables 1.8.9 prints MACs lower-case, older releases upper-case: both read back equal."""
-    spoof = web.ruleset.tables[(4, "filter")].chains["hostfw-o5e4f0b1a-9c"]
+    spoof = [r.text for r in web.ruleset.tables[(4, "filter")].chains["hostfw-o5e4f0b1a-9c"]]
     assert "--mac-source fa:16:3e:aa:bb:01" in spoof[0]
     upper = spoof[0].replace("fa:16:3e:aa:bb:01", "FA:16:3E:AA:BB:01")
     parsed = parse_save(f"*filter\n:hostfw-o5e4f0b1a-9c - [0:0]\n"
@@ -657,39 +649,34 @@ def test_spoof_rules_match_iptables_save_text_in_either_mac_case(web: Compiled) 
     assert parsed["filter"].chains["hostfw-o5e4f0b1a-9c"] == [spoof[0]]
 
 
-# ---------------------------------------------------------------- hashes and rendering
+# ---------------------------------------------------------------- rendering
 
-def test_every_rule_starts_its_comment_with_the_hash_of_its_body(web: Compiled) -> None:
-    count = 0
-    for table in web.ruleset.tables.values():
-        for rules in table.chains.values():
-            for rule in rules:
-                digest = HASHED_COMMENT.search(rule)
-                assert digest, rule
-                body = COMMENT.sub("", rule, count=1)
-                assert digest.group(1) == rule_hash(body), rule
-                count += 1
-    assert count > 50
+def test_rules_render_in_iptables_save_order() -> None:
+    rule = IptablesRule(jump("RETURN"), src="10.0.0.0/8", dst="10.1.0.0/16", in_iface="br0",
+                        out_iface="eth0", proto="tcp", matches=(ports("tcp", dport=22),),
+                        comment="ssh")
+    assert rule.text == ("-s 10.0.0.0/8 -d 10.1.0.0/16 -i br0 -o eth0 -p tcp -m comment "
+                         "--comment ssh -m tcp --dport 22 -j RETURN")
+    assert IptablesRule(call("hostfw-x"), comment="two words").text == \
+        '-m comment --comment "two words" -j hostfw-x'
 
 
-def test_render_rule_orders_tokens_as_iptables_save() -> None:
-    rule = render_rule("-j RETURN", src="10.0.0.0/8", dst="10.1.0.0/16", in_iface="br0",
-                       out_iface="eth0", proto="tcp", matches=["-m tcp --dport 22"],
-                       comment="ssh")
-    body = "-s 10.0.0.0/8 -d 10.1.0.0/16 -i br0 -o eth0 -p tcp -m tcp --dport 22 -j RETURN"
-    assert rule == (f'-s 10.0.0.0/8 -d 10.1.0.0/16 -i br0 -o eth0 -p tcp -m comment '
-                    f'--comment "{rule_hash(body)} ssh" -m tcp --dport 22 -j RETURN')
+def test_a_rule_without_a_comment_has_no_comment_match() -> None:
+    assert IptablesRule(jump("DROP")).text == "-j DROP"
 
 
-def test_render_rule_without_comment_text_leaves_the_hash_unquoted() -> None:
-    assert render_rule("-j DROP") == f"-m comment --comment {rule_hash('-j DROP')} -j DROP"
+def test_rules_are_equal_when_their_texts_are() -> None:
+    a = IptablesRule(jump("DROP"), comment="x")
+    assert a == IptablesRule(jump("DROP"), comment="x") and hash(a) == hash(
+        IptablesRule(jump("DROP"), comment="x"))
+    assert a != IptablesRule(jump("DROP"), comment="y")
 
 
 @pytest.mark.parametrize("comment", ['a"b', "a\nb", "a'b", "a;b", "a$b", "a\\b", "x" * 201,
                                      "é"])
-def test_render_rule_refuses_comments_outside_the_whitelist(comment: str) -> None:
+def test_rules_refuse_comments_outside_the_whitelist(comment: str) -> None:
     with pytest.raises(ValueError, match="outside the whitelist"):
-        render_rule("-j DROP", comment=comment)
+        IptablesRule(jump("DROP"), comment=comment)
 
 
 # ---------------------------------------------------------------- names
@@ -730,9 +717,9 @@ def test_names_fit_the_kernel_and_carry_the_prefixes(names: Names) -> None:
     for table in compiled.ruleset.tables.values():
         for rules in table.chains.values():
             for rule in rules:
-                target = TARGET.search(rule)
-                assert target and (target.group(1) in table.chains
-                                   or target.group(1) in BUILTIN_TARGETS), rule
+                target = rule.target.name
+                assert target in table.chains or (
+                    not rule.target.chain and target in BUILTIN_TARGETS), rule
 
 
 def test_long_names_are_shortened_with_a_hash_and_stay_distinct() -> None:
@@ -753,8 +740,8 @@ def test_port_chains_never_spell_a_shared_chain(device: str) -> None:
     assert names.owns_chain(spoof) and len(spoof) <= MAX_CHAIN
     doc = {"security_groups": {}, "ports": [port_dict(device[3:], 1, [], device=device)]}
     table = compile_doc(doc, {device}).ruleset.tables[(4, "filter")].chains
-    assert [unhash(r) for r in table["hostfw-sg-chain"]] == SKELETON["hostfw-sg-chain"]
-    assert [unhash(r) for r in table["hostfw-sg-fallback"]] == SKELETON["hostfw-sg-fallback"]
+    assert [r.text for r in table["hostfw-sg-chain"]] == SKELETON["hostfw-sg-chain"]
+    assert [r.text for r in table["hostfw-sg-fallback"]] == SKELETON["hostfw-sg-fallback"]
 
 
 def test_a_long_chain_prefix_is_refused_and_the_longest_allowed_is_kept() -> None:
@@ -876,27 +863,28 @@ def uuid_ports(count: int, seed: int) -> list[dict[str, Any]]:
     return ports
 
 
-def walk(table: Mapping[str, tuple[str, ...]], root: str, direction: str,
+def walk(table: Mapping[str, tuple[IptablesRule, ...]], root: str, direction: str,
          device: str) -> tuple[str, int]:
     """Follow a dispatch tree for `device` as the kernel would; (verdict, chains visited)."""
     chain, depth = root, 0
     while True:
         depth += 1
         for rule in table[chain]:
-            physdev = PHYSDEV.search(rule)
+            physdev = rule.match("physdev")
             if physdev:
-                assert physdev.group(1) == direction, rule
-                pattern = physdev.group(2)
+                option = physdev.option(f"--physdev-{direction}")
+                assert option, rule
+                pattern = option.values[0]
                 if pattern.endswith("+"):
                     if not device.startswith(pattern[:-1]):
                         continue
                 elif device != pattern:
                     continue
-            verdict = rule.split()[-2:]
-            if verdict[0] == "-g" and verdict[1].startswith(root + "-"):
-                chain = verdict[1]
+            target = rule.target
+            if target.goto and target.name.startswith(root + "-"):
+                chain = target.name
                 break
-            return " ".join(verdict), depth
+            return target.render(), depth
         else:
             raise AssertionError(f"{device} fell off the end of {chain}")
 
@@ -959,7 +947,7 @@ def test_unknown_device_with_accept_policy_returns() -> None:
                            Settings(unknown_device_policy="accept"))
     table = compiled.ruleset.tables[(4, "filter")].chains
     assert walk(table, "hostfw-from", "in", "tapnobody")[0] == "-j RETURN"
-    assert all(unhash(rules[-1]) == '-m comment --comment "unknown device" -j RETURN'
+    assert all(rules[-1].text == '-m comment --comment "unknown device" -j RETURN'
                for rules in tree_chains(table).values() if rules)
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from agent.compiler.flows import FlowCut
 from agent.dataplane.flowcut import _Index, as_flow
+from agent.vocab.flows import FlowCut
 
 
 def entry(src: str, dst: str, proto: int = 6, zone: int | None = None,

@@ -11,9 +11,10 @@ from dataclasses import replace
 from typing import Any
 
 from agent.compiler import Snapshot
-from agent.compiler.flows import FlowCut, flows_to_cut
+from agent.compiler.flows import flows_to_cut
 from agent.dataplane.flowcut import describe
 from agent.model import Policy, parse_policy
+from agent.vocab.flows import FlowCut
 
 BRIDGES = {"tapa": "br0", "tapb": "br0", "tapc": "br0"}
 ZONES = {"br0": 4097}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 
-from agent.compiler.names import Names
 from agent.dataplane.ipsets import (
     DEFAULT_MAXELEM,
     KernelSet,
@@ -20,7 +19,8 @@ from agent.dataplane.ipsets import (
     temporary_name,
     written,
 )
-from agent.dataplane.ruleset import IpSet
+from agent.vocab.names import Names
+from agent.vocab.ruleset import IpSet
 
 owns = Names().owns_ipset
 

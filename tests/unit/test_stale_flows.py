@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from agent.compiler import Snapshot
-from agent.compiler.stale_flows import Flow, FlowAudit
+from agent.compiler.stale_flows import FlowAudit
 from agent.model import parse_policy
+from agent.vocab.flows import Flow
 
 ZONE = 4097
 TCP, UDP, ICMP = 6, 17, 1

@@ -14,7 +14,6 @@ import pytest
 
 from agent.compiler import NatSettings, Settings, Snapshot, compile_ruleset
 from agent.compiler.spoof import eui64_link_local
-from agent.dataplane.ruleset import Hook, Ruleset, Table
 from agent.model import Policy, parse_policy
 from agent.trace import (
     ACCEPT,
@@ -24,10 +23,11 @@ from agent.trace import (
     Packet,
     Probe,
     Trace,
-    parse_rule,
     resolve,
     trace,
 )
+from agent.vocab.rule_text import parse_rule_text
+from agent.vocab.ruleset import Hook, Ruleset, Table
 
 MAC = {"web": "fa:16:3e:00:00:02", "client": "fa:16:3e:00:00:03",
        "outsider": "fa:16:3e:00:00:04", "quiet": "fa:16:3e:00:00:05"}
@@ -281,10 +281,12 @@ def test_with_nat_on_bridged_traffic_is_decided_and_translation_is_refused() -> 
 
 # ---------------------------------------------------------------- walker semantics
 
-def table(hooks: list[str], **chains: list[str]) -> Ruleset:
-    return Ruleset({(4, "filter"): Table(4, "filter", {k.replace("_", "-"): tuple(v)
-                                                        for k, v in chains.items()},
-                                         tuple(Hook("FORWARD", h) for h in hooks))})
+def table(hooks: list[str], builtin: str = "FORWARD", **chains: list[str]) -> Ruleset:
+    """A filter table from rules in iptables-save notation; `hooks` are `-j <chain>`."""
+    return Ruleset({(4, "filter"): Table(
+        4, "filter", {k.replace("_", "-"): tuple(parse_rule_text(r) for r in v)
+                      for k, v in chains.items()},
+        tuple(Hook(builtin, h.removeprefix("-j ")) for h in hooks))})
 
 
 PLAIN = Packet(hook="FORWARD", family=4, proto="tcp", src="10.0.0.3", dst="10.0.0.2",
@@ -354,32 +356,18 @@ def test_what_the_packet_description_lacks_is_not_guessed() -> None:
 
 
 def test_physdev_follows_the_kernel() -> None:
-    ruleset = Ruleset({(4, "filter"): Table(4, "filter", {"hostfw-a": (
+    ruleset = table(["-j hostfw-a"], "INPUT", hostfw_a=[
         "-m physdev --physdev-out tapweb -j DROP",          # output port unknown at INPUT: true
-    )}, (Hook("INPUT", "-j hostfw-a"),))})
+    ])
     to_node = replace(PLAIN, hook="INPUT", physdev_out=None, out_iface=None)
     assert trace(ruleset, to_node).verdict == DROP
     from_node = replace(PLAIN, hook="OUTPUT", physdev_in=None, physdev_out=None)
-    only_negated = Ruleset({(4, "filter"): Table(4, "filter", {"hostfw-a": (
+    only_negated = table(["-j hostfw-a"], "OUTPUT", hostfw_a=[
         "-m physdev --physdev-is-bridged -j DROP", "-m physdev ! --physdev-in tap+ -j ACCEPT",
-    )}, (Hook("OUTPUT", "-j hostfw-a"),))})
+    ])
     assert trace(only_negated, from_node).verdict == ACCEPT
     uplink = table(["-j hostfw-a"], hostfw_a=["-m physdev --physdev-in eth+ -j DROP"])
     assert trace(uplink, replace(PLAIN, physdev_in=None)).verdict == UNDECIDED
-
-
-def test_parse_rule_reads_iptables_save_text() -> None:
-    parsed = parse_rule('! -s 10.0.0.0/8 -p udp -m comment --comment "0123abcd DHCP client" '
-                        '-m physdev --physdev-in tap+ ! --physdev-is-bridged '
-                        '-m multiport --dports 1:5,7 -g hostfw-x')
-    assert [(o.negated, o.name, o.args) for o in parsed.ip] == \
-        [(True, "-s", ("10.0.0.0/8",)), (False, "-p", ("udp",))]
-    assert parsed.comment == "DHCP client"
-    assert [m for m, _ in parsed.modules] == ["comment", "physdev", "multiport"]
-    physdev = parsed.modules[1][1]
-    assert [(o.negated, o.name) for o in physdev] == \
-        [(False, "--physdev-in"), (True, "--physdev-is-bridged")]
-    assert (parsed.target, parsed.goto) == ("hostfw-x", True)
 
 
 # ---------------------------------------------------------------- resolving a probe
