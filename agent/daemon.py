@@ -231,8 +231,7 @@ class Agent:
         engine.ipsets = self.metrics.counted_ipsets()
         raw = engine.adopt()[4].get("raw")  # the one full read of a start
         if raw:  # adopt the zones of a previous run, so conntrack entries stay valid
-            self.zones = zones.zones_from_rules(raw.chains.get(self.settings.names.chain(
-                "PREROUTING"), []))
+            self.zones = zones.zones_from_chains(raw.chains, self.settings.names)
         return engine
 
     def _loop(self, engine: Engine) -> None:

@@ -252,22 +252,10 @@ def parse_protocol(value: Any, ethertype: str, what: str) -> int | None:
         value = str(value)
     if not isinstance(value, str):
         raise Invalid(f"{what} protocol {_show(value)} is not a protocol name or number")
-    word = value.strip().lower()
-    if word in protocols.ANY_PROTOCOL_WORDS:
-        return None
-    if word.isascii() and word.isdigit() and len(word) <= 3:
-        number = int(word)
-        if not 0 <= number <= 255:
-            raise Invalid(f"{what} protocol {_show(value)} is not from 0 to 255")
-    elif word in protocols.NAME_TO_NUMBER:
-        number = protocols.NAME_TO_NUMBER[word]
-    else:
-        raise Invalid(f"{what} protocol {_show(value)} is not a known protocol")
-    if number == 1 and ethertype == "IPv6":
-        number = 58  # Neutron rewrites icmp on IPv6 rules to ipv6-icmp.
-    if number == 58 and ethertype == "IPv4":
-        raise Invalid(f"{what} protocol {_show(value)} is ICMPv6 on an IPv4 rule")
-    return number or None
+    try:
+        return protocols.number(value.strip().lower(), 6 if ethertype == "IPv6" else 4)
+    except ValueError as exc:
+        raise Invalid(f"{what} protocol {_show(value)} {exc}") from None
 
 
 # ---------------------------------------------------------------- objects

@@ -567,19 +567,12 @@ def _first_ip(end: End, family: int) -> str:
 
 
 def _proto(word: str, family: int) -> str:
-    text = word.strip().lower()
-    if text in protocols.ANY_PROTOCOL_WORDS:
+    try:
+        number = protocols.number(word.strip().lower(), family)
+    except ValueError as exc:
+        raise ValueError(f"protocol {word!r} {exc}") from None
+    if number is None:
         raise ValueError("a packet has one protocol; 'any' cannot be traced")
-    if text.isdigit() and int(text) <= 255:
-        number = int(text)
-    elif text in protocols.NAME_TO_NUMBER:
-        number = protocols.NAME_TO_NUMBER[text]
-    else:
-        raise ValueError(f"protocol {word!r} is not known")
-    if number == 1 and family == 6:
-        number = 58  # as Neutron does for an icmp rule on IPv6
-    if number == 58 and family == 4:
-        raise ValueError("ICMPv6 with IPv4 addresses")
     return protocols.token(number)
 
 

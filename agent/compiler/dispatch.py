@@ -1,10 +1,11 @@
 """Dispatch trees: find a device's chain in O(log n) rules, not 2n.
 
-Rules of this room: pure. A dispatch tree maps device names to actions
-(`-g <port chain>` or `-j RETURN`) through chains keyed on name prefixes, each
-matching `--physdev-in tapab+` (or `--physdev-out`) and going to the next
-level, as Felix does for workload interfaces. Every chain of the tree ends in
-the unknown-device verdict, so a managed device nobody knows never passes.
+Rules of this room: pure. A dispatch tree maps interface names to actions
+(`-g <port chain>`, `-j RETURN`, `-j CT --zone 4097`) through chains keyed on
+name prefixes, each matching `--physdev-in tapab+` (or `--physdev-out`, or
+`-i`/`-o` for the raw table's bridges) and going to the next level, as Felix
+does for workload interfaces. Every chain of the tree ends in the unknown
+verdict, so a managed device nobody knows never passes.
 
 Because each level *goes to* (`-g`) the next, a port chain's RETURN comes back
 to whoever *jumped* into the root, whatever the depth.
@@ -27,69 +28,81 @@ change rewrites, not the rules a packet walks.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 
 from agent.vocab.names import Names
-from agent.vocab.rules import IptablesRule, Match, Target, goto, physdev
+from agent.vocab.rules import IptablesRule, Target, goto, physdev
 
 FANOUT = 16  # a node with more entries than this splits by the next character
 LONGEST = 2 * FANOUT + 2  # a longer chain is cut into linked pieces of at most this
 
-Entry = tuple[str, Target, str]   # (device, action, comment), sorted by device
+Entry = tuple[str, Target, str]   # (name, action, comment), sorted by name
 Chains = dict[str, tuple[IptablesRule, ...]]
 
 
-def _physdev_in(name: str) -> Match:
-    return physdev(in_dev=name)
+@dataclass(frozen=True)
+class Key:
+    """What a tree matches names on, and the prefix every name of it starts with.
+
+    `field` is `physdev-in` (from a VM), `physdev-out` (to a VM, bridged),
+    `in` or `out` (`-i`/`-o`: a bridge, in the raw table). Chains below the
+    root are named after the name prefix they hold, less `start`; `noun` is
+    what the comments call a name.
+    """
+
+    field: str
+    start: str = ""
+    noun: str = "device"
+
+    def rule(self, name: str, target: Target, comment: str) -> IptablesRule:
+        if self.field == "physdev-in":
+            return IptablesRule(target, matches=(physdev(in_dev=name),), comment=comment)
+        if self.field == "physdev-out":
+            return IptablesRule(target, matches=(physdev(out_dev=name, bridged=True),),
+                                comment=comment)
+        if self.field == "in":
+            return IptablesRule(target, in_iface=name, comment=comment)
+        return IptablesRule(target, out_iface=name, comment=comment)
 
 
-def _physdev_out(name: str) -> Match:
-    return physdev(out_dev=name, bridged=True)
-
-
-MATCHES = {"in": _physdev_in, "out": _physdev_out}
-
-
-def build_tree(root: str, entries: tuple[Entry, ...], direction: str, unknown: Target,
+def build_tree(root: str, entries: tuple[Entry, ...], key: Key, unknown: Target,
                names: Names) -> Chains:
     """The chains of the tree rooted at shared chain `root` (e.g. "from").
 
-    `direction` is "in" (match --physdev-in: from a VM) or "out" (to a VM);
-    `unknown` the final verdict of every chain.
+    `key` says what the rules match; `unknown` is the final verdict of every
+    chain.
     """
     chains: Chains = {}
-    _collect(names.chain(root), root, names.device_prefix, entries, direction, unknown,
-             names, chains)
+    _collect(names.chain(root), root, key.start, entries, key, unknown, names, chains)
     return chains
 
 
-def _collect(chain: str, root: str, prefix: str, entries: tuple[Entry, ...], direction: str,
+def _collect(chain: str, root: str, prefix: str, entries: tuple[Entry, ...], key: Key,
              unknown: Target, names: Names, out: Chains) -> None:
-    rules, children = _node(root, prefix, entries, direction, unknown, names)
+    rules, children = _node(root, prefix, entries, key, unknown, names)
     if len(rules) <= LONGEST:
         out[chain] = rules
     else:
-        out.update(_linked(chain, root, prefix, rules, names))
+        out.update(_linked(chain, root, prefix[len(key.start):], rules, names))
     for child, child_prefix, child_entries in children:
-        _collect(child, root, child_prefix, child_entries, direction, unknown, names, out)
+        _collect(child, root, child_prefix, child_entries, key, unknown, names, out)
 
 
 @lru_cache(maxsize=1 << 13)
-def _node(root: str, prefix: str, entries: tuple[Entry, ...], direction: str, unknown: Target,
+def _node(root: str, prefix: str, entries: tuple[Entry, ...], key: Key, unknown: Target,
           names: Names) -> tuple[tuple[IptablesRule, ...],
                                  tuple[tuple[str, str, tuple[Entry, ...]], ...]]:
     """One chain's rules, and its children as (chain, prefix, entries)."""
-    match = MATCHES[direction]
     rules: list[IptablesRule] = []
     children: list[tuple[str, str, tuple[Entry, ...]]] = []
     if len(entries) <= FANOUT:
-        rules += [IptablesRule(action, matches=(match(dev),), comment=note)
-                  for dev, action, note in entries]
+        rules += [key.rule(dev, action, note) for dev, action, note in entries]
     else:
         # Skip levels every device shares: they would be chains of one rule.
         depth = max(len(prefix), len(os.path.commonprefix([e[0] for e in entries])))
-        rules += [IptablesRule(action, matches=(match(dev),), comment=note)
-                  for dev, action, note in entries if len(dev) == depth]
+        rules += [key.rule(dev, action, note) for dev, action, note in entries
+                  if len(dev) == depth]
         branches: dict[str, list[Entry]] = {}
         for entry in entries:
             if len(entry[0]) > depth:
@@ -97,18 +110,17 @@ def _node(root: str, prefix: str, entries: tuple[Entry, ...], direction: str, un
         for sub_prefix, sub in sorted(branches.items()):
             if len(sub) == 1:
                 dev, action, note = sub[0]
-                rules.append(IptablesRule(action, matches=(match(dev),), comment=note))
+                rules.append(key.rule(dev, action, note))
                 continue
-            child = names.tree_chain(root, sub_prefix)
-            rules.append(IptablesRule(goto(child), matches=(match(sub_prefix + "+"),),
-                                      comment=f"devices {sub_prefix}+"))
+            child = names.tree_chain(root, sub_prefix[len(key.start):])
+            rules.append(key.rule(sub_prefix + "+", goto(child), f"{key.noun}s {sub_prefix}+"))
             children.append((child, sub_prefix, tuple(sub)))
-    rules.append(IptablesRule(unknown, comment="unknown device"))
+    rules.append(IptablesRule(unknown, comment=f"unknown {key.noun}"))
     return tuple(rules), tuple(children)
 
 
 @lru_cache(maxsize=1 << 10)
-def _linked(chain: str, root: str, prefix: str, rules: tuple[IptablesRule, ...],
+def _linked(chain: str, root: str, suffix: str, rules: tuple[IptablesRule, ...],
             names: Names) -> Chains:
     """A node too wide for one chain (e.g. mixed-case names), cut into linked pieces.
 
@@ -119,7 +131,7 @@ def _linked(chain: str, root: str, prefix: str, rules: tuple[IptablesRule, ...],
     """
     step = LONGEST - 1
     pieces = [rules[i:i + step] for i in range(0, len(rules), step)]
-    piece_names = [chain] + [names.tree_chain(root, f"{prefix}~{n}")
+    piece_names = [chain] + [names.tree_chain(root, f"{suffix}~{n}")
                              for n in range(1, len(pieces))]
     out = {}
     for n, piece in enumerate(pieces):

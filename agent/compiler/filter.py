@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from agent.compiler.common import DHCP, ICMPV6_RA, bad_source_chain, common_chain, shared_chains
-from agent.compiler.dispatch import build_tree
+from agent.compiler.dispatch import Key, build_tree
 from agent.compiler.inputs import Settings, Snapshot
 from agent.compiler.memo import LastCall
 from agent.compiler.rules import remote_sets, render_sg_rule
@@ -217,14 +217,15 @@ def _dispatch(b: TableBuilder, local: list[Port], names: Names, unknown_policy: 
     like a port without port security, as Neutron's trusted-port ACCEPTs do.
     """
     unknown = jump("DROP" if unknown_policy == "drop" else "RETURN")
-    for root, letter, direction in (("from", "o", "in"), ("to", "i", "out")):
+    for root, letter, matched in (("from", "o", "physdev-in"), ("to", "i", "physdev-out")):
         entries = tuple(sorted([
             (p.device, goto(names.port_chain(letter, p.device)), f"port {p.id}")
             if p.port_security_enabled else
             (p.device, jump("RETURN"), f"port {p.id} without port security")
             for p in local] + [(d, jump("RETURN"), "trusted network port") for d in trusted],
             key=lambda entry: entry[0]))
-        b.chains.update(build_tree(root, entries, direction, unknown, names))
+        b.chains.update(build_tree(root, entries, Key(matched, names.device_prefix), unknown,
+                                   names))
 
 
 @lru_cache(maxsize=1 << 14)

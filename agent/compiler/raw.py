@@ -2,8 +2,10 @@
 
 Rules of this room: pure. CT is not a terminating target and only the first
 CT rule a packet meets takes effect, so NOTRACK rules of stateless ports come
-first, then the zone rules. With NAT on, agent/compiler/nat.py adds the zone
-rules of routed flows (`raw_zones`) around the bridge rules.
+first, then the zone rules, which find the bridge through a dispatch tree
+(agent/compiler/dispatch.py) as the filter table finds a port. With NAT on,
+agent/compiler/nat.py adds the zone rules of routed flows (`raw_zones`)
+around the bridge rules.
 
 NOTRACK is scoped to the port, never the node: packets *from* a stateless
 port are matched by `--physdev-in`; packets *to* it by its bridge (`-i`, or
@@ -20,11 +22,13 @@ from __future__ import annotations
 
 import ipaddress
 
+from agent.compiler.dispatch import Key, build_tree
 from agent.compiler.inputs import Snapshot
 from agent.compiler.memo import LastCall
 from agent.compiler.nat import raw_zones
+from agent.compiler.zones import ZONE_IN, ZONE_OUT
 from agent.model import Port
-from agent.vocab.rules import IptablesRule, jump, opt, physdev
+from agent.vocab.rules import IptablesRule, call, jump, opt, physdev
 from agent.vocab.ruleset import Table, TableBuilder
 
 
@@ -82,19 +86,31 @@ def _build_raw(snap: Snapshot, local: list[Port]) -> dict[tuple[int, str], Table
             b.chain(pre).extend(nat.prerouting_first)
             b.chain(out).extend(nat.output_first)
         if settings.conntrack_zones:
-            for bridge in bridges:
-                zone = snap.zones.get(bridge)
-                if zone is None:
-                    continue
-                note = f"zone for bridge {bridge}"
-                b.chain(pre).append(IptablesRule(jump("CT", opt("--zone", zone)),
-                                                 in_iface=bridge, comment=note))
-                b.chain(out).append(IptablesRule(jump("CT", opt("--zone", zone)),
-                                                 out_iface=bridge, comment=note))
+            _zone_trees(b, snap, bridges)
         if nat:
             b.chain(pre).extend(nat.prerouting_last)
         tables[(family, "raw")] = b.build()
     return tables
+
+
+def _zone_trees(b: TableBuilder, snap: Snapshot, bridges: list[str]) -> None:
+    """Each bridge's zone, found through a dispatch tree on the bridge name.
+
+    `<p>-zone-in` (PREROUTING, `-i`) and `<p>-zone-out` (OUTPUT, `-o`): a
+    node with hundreds of networks puts each packet through a few levels of
+    name prefixes instead of one rule per bridge. A packet of a bridge with
+    no zone (or none of ours) returns and stays in zone 0.
+    """
+    names = snap.settings.names
+    entries = tuple((bridge, jump("CT", opt("--zone", snap.zones[bridge])),
+                     f"zone for bridge {bridge}") for bridge in bridges if bridge in snap.zones)
+    if not entries:
+        return
+    for builtin, root, matched in (("PREROUTING", ZONE_IN, "in"), ("OUTPUT", ZONE_OUT, "out")):
+        b.chains.update(build_tree(root, entries, Key(matched, noun="bridge"), jump("RETURN"),
+                                   names))
+        b.chain(names.chain(builtin)).append(
+            IptablesRule(call(names.chain(root)), comment="conntrack zone of the bridge"))
 
 
 def _host_addresses(port: Port, family: int) -> list[str]:

@@ -41,7 +41,6 @@ from agent.model import Port, Rule
 from agent.vocab import protocols
 from agent.vocab.flows import Flow
 
-ICMPV6 = 58
 DHCP_PORTS = frozenset({67, 68, 546, 547})
 TRUSTED_OWNER = "network:"
 
@@ -158,7 +157,7 @@ class FlowAudit:
 
 def _always_open(flow: Flow) -> bool:
     """What the port chains pass before any group rule (ND, MLD, DHCP), never cut."""
-    if flow.proto == ICMPV6:
+    if flow.proto == protocols.ICMPV6:
         return True
     return flow.proto == 17 and bool({flow.sport, flow.dport} & DHCP_PORTS)
 

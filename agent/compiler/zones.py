@@ -14,9 +14,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from agent.vocab.names import Names
+
 FIRST_ZONE = 4097
 LAST_ZONE = 65535
 ZONE_RULE_RE = re.compile(r"^-i (\S+) .*-j CT --zone (\d+)$")
+# The roots of the raw table's zone trees (agent/compiler/raw.py), as `Names.chain` names.
+ZONE_IN, ZONE_OUT = "zone-in", "zone-out"
 
 
 def allocate(bridges: Iterable[str], previous: Mapping[str, int]) -> dict[str, int]:
@@ -35,6 +39,18 @@ def allocate(bridges: Iterable[str], previous: Mapping[str, int]) -> dict[str, i
         zones[bridge] = candidate
         used.add(candidate)
     return zones
+
+
+def zones_from_chains(chains: Mapping[str, Iterable[str]], names: Names) -> dict[str, int]:
+    """Bridge -> zone from the agent's raw-table chains, as the kernel holds them.
+
+    The zone rules live in the `zone-in` tree; an agent before the tree kept
+    them in `<p>-PREROUTING`, which is read too, so an upgrade keeps zones.
+    """
+    tree = names.chain(ZONE_IN)
+    return zones_from_rules(rule for name, rules in chains.items()
+                            if name == names.chain("PREROUTING") or name.startswith(tree)
+                            for rule in rules)
 
 
 def zones_from_rules(rules: Iterable[str]) -> dict[str, int]:

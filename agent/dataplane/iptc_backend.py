@@ -38,7 +38,6 @@ Rules of this room:
 from __future__ import annotations
 
 import ctypes
-import socket
 import threading
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -141,17 +140,11 @@ def segments_of(rule: IptablesRule) -> tuple[list[tuple[str, bool, str]], list[S
 
 
 def protocol_number(word: str) -> int:
-    """A `-p` argument as a number, the way iptables resolves it."""
-    if word.isdigit():
-        return int(word)
-    if word in ("all", "any"):
-        return 0
-    if word in protocols.NAME_TO_NUMBER:
-        return protocols.NAME_TO_NUMBER[word]
-    try:
-        return socket.getprotobyname(word)
-    except OSError:
-        raise SpecError(f"unknown protocol {word!r}") from None
+    """A `-p` token of our rules (`protocols.token`) as its number."""
+    number = protocols.token_number(word)
+    if number is None:
+        raise SpecError(f"unknown protocol {word!r}")
+    return number
 
 
 class RuleBuilder:

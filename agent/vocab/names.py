@@ -63,9 +63,10 @@ class Names:
         """The shared chain of one security group's rules for one direction and family."""
         return _fit(f"{self.chain_prefix}-g{direction[0]}{family}-{group_id}", MAX_CHAIN)
 
-    def tree_chain(self, root: str, device_prefix: str) -> str:
-        """A dispatch tree node below `root` for the devices starting with `device_prefix`."""
-        return _fit(f"{self.chain(root)}-{device_prefix[len(self.device_prefix):]}", MAX_CHAIN)
+    def tree_chain(self, root: str, suffix: str) -> str:
+        """A dispatch tree node below `root`, for the names its root's prefix plus
+        `suffix` starts (`hostfw-from-ab` holds the devices `tapab...`)."""
+        return _fit(f"{self.chain(root)}-{suffix}", MAX_CHAIN)
 
     def ipset(self, family: int, kind: str, group_id: str) -> str:
         """The member set of a remote security group (kind g) or address group (kind a)."""

@@ -29,9 +29,40 @@ CANONICAL_NAMES: dict[int, str] = {
 PORT_PROTOCOLS = frozenset({6, 17, 33, 132, 136})
 # Protocols that have a `-m <name>` match module for --dport/--sport.
 MODULE_PROTOCOLS = frozenset({6, 17, 33, 132})
-ICMP_PROTOCOLS = frozenset({1, 58})
+ICMP, ICMPV6 = 1, 58
+ICMP_PROTOCOLS = frozenset({ICMP, ICMPV6})
 
 ANY_PROTOCOL_WORDS = frozenset({"", "0", "any", "all"})
+
+
+def number(word: str, family: int) -> int | None:
+    """The protocol a user wrote (a name or 0-255, lower case) for one family.
+
+    None for "any"; ValueError saying why otherwise. `icmp` on IPv6 means
+    ICMPv6, as Neutron rewrites it; ICMPv6 on IPv4 is refused.
+    """
+    if word in ANY_PROTOCOL_WORDS:
+        return None
+    if word.isascii() and word.isdigit() and len(word) <= 3:
+        value = int(word)
+        if not 0 <= value <= 255:
+            raise ValueError("is not from 0 to 255")
+    elif word in NAME_TO_NUMBER:
+        value = NAME_TO_NUMBER[word]
+    else:
+        raise ValueError("is not a known protocol")
+    if value == ICMP and family == 6:
+        value = ICMPV6
+    if value == ICMPV6 and family == 4:
+        raise ValueError("is ICMPv6 with IPv4")
+    return value or None
+
+
+def token_number(word: str) -> int | None:
+    """The number behind a `-p` token `token()` wrote (a name above or digits)."""
+    if word.isdigit():
+        return int(word)
+    return NAME_TO_NUMBER.get(word)
 
 
 def token(number: int) -> str:

@@ -263,7 +263,7 @@ def test_icmp_on_ipv6_becomes_ipv6_icmp(protocol: Any) -> None:
 
 @pytest.mark.parametrize("protocol", ["icmpv6", "ipv6-icmp", "58", 58])
 def test_icmpv6_on_an_ipv4_rule_is_rejected(protocol: Any) -> None:
-    assert_group_rule_rejected(rule(protocol=protocol), "is ICMPv6 on an IPv4 rule")
+    assert_group_rule_rejected(rule(protocol=protocol), "is ICMPv6 with IPv4")
 
 
 @pytest.mark.parametrize(("protocol", "reason"), [
