@@ -14,10 +14,11 @@ from typing import Any
 
 from agent.admin.diff import diff, render
 from agent.compiler import Compiled, Settings, Snapshot, compile_ruleset
-from agent.compiler.names import Names
 from agent.dataplane.engine import Engine
-from agent.dataplane.ruleset import Hook, Ruleset
 from agent.model import parse_policy
+from agent.vocab.names import Names
+from agent.vocab.rule_text import parse_rule_text
+from agent.vocab.ruleset import Hook, Ruleset
 
 POLICY = parse_policy({
     "security_groups": {"sg-a": [{"direction": "ingress", "ethertype": "IPv4",
@@ -39,7 +40,7 @@ def save_text(ruleset: Ruleset) -> str:
         out += [f"*{name}", *(f":{c} ACCEPT [0:0]" for c in builtins),
                 *(f":{c} - [0:0]" for c in table.chains)]
         out += [f"-A {h.chain} {h.spec}" for h in table.hooks]
-        out += [f"-A {c} {r}" for c, rules in table.chains.items() for r in rules]
+        out += [f"-A {c} {r.text}" for c, rules in table.chains.items() for r in rules]
         out.append("COMMIT")
     return "\n".join(out) + "\n"
 
@@ -115,8 +116,8 @@ def test_every_kind_of_change() -> None:
     port_chain = "hostfw-ia"
     chains[port_chain] = chains[port_chain][1:]
     del chains["hostfw-accept"]
-    chains["hostfw-old"] = ("-j DROP",)
-    hooks = (*(h for h in desired.hooks if h.chain != "FORWARD"), Hook("INPUT", "-j hostfw-INPUT"))
+    chains["hostfw-old"] = (parse_rule_text("-j DROP"),)
+    hooks = (*(h for h in desired.hooks if h.chain != "FORWARD"), Hook("INPUT", "hostfw-INPUT"))
     kernel = Ruleset({**COMPILED.ruleset.tables,
                       (4, "filter"): replace(desired, chains=chains, hooks=hooks)})
     sets = ("create hfw4gsg-a hash:ip family inet hashsize 1024 maxelem 65536\n"
@@ -149,7 +150,7 @@ def test_every_kind_of_change() -> None:
 
     assert section(f"=== ipv4/filter {port_chain}: rewrite", 3) == [
         f"=== ipv4/filter {port_chain}: rewrite", "@@ -1 +1,2 @@",
-        f"+-A {port_chain} {desired.chains[port_chain][0]}"]
+        f"+-A {port_chain} {desired.chains[port_chain][0].text}"]
     assert section("=== ipv4/filter hostfw-accept: new chain", 2)[1] == "@@ -0,0 +1 @@"
     assert section("=== ipv4/filter hostfw-old: delete chain", 3)[1:] == [
         "@@ -1 +0,0 @@", "--A hostfw-old -j DROP"]

@@ -29,14 +29,16 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import protocols
 from agent.compiler import Compiled, Settings, Snapshot, compile_ruleset
-from agent.compiler.names import MAX_CHAIN, MAX_IPSET, Names
 from agent.dataplane.ipsets import KernelSet, plan_ipsets
 from agent.dataplane.plan import BUILTIN_CHAINS, KernelTable, parse_save, plan_table
-from agent.dataplane.ruleset import Hook, IpSet, Table
 from agent.model import Invalid, Policy, parse_policy
 from agent.sources.policy_file import PolicyFileError, PolicyLoader, load_policy_text
+from agent.vocab import protocols
+from agent.vocab.names import MAX_CHAIN, MAX_IPSET, Names
+from agent.vocab.rule_text import parse_rule_text
+from agent.vocab.rules import IptablesRule
+from agent.vocab.ruleset import Hook, IpSet, Table
 from tests.unit.test_compiler import walk
 
 # HOSTFW_FUZZ_SCALE=10 fuzzes ten times deeper (a nightly run, or after touching the model).
@@ -59,16 +61,17 @@ HEAD_FLAGS = {"-s", "-d", "-i", "-o", "-p", "!"}
 
 @lru_cache(maxsize=1 << 16)
 def whitelisted_tokens(rule: str) -> tuple[str, ...]:
-    """The shlex tokens of a rule that passes every check not needing its table.
+    """The shlex tokens of a rule's text that passes every check not needing its table.
 
     Cached: the same rules come back in every compile, and shlex is slow.
     """
     assert not (FORBIDDEN - {'"'}) & set(rule), rule
     assert rule.count('"') in (0, 2), rule
     tokens = shlex.split(rule)
-    assert tokens.count("--comment") == 1, rule
-    start = tokens.index("-m")
-    assert tokens[start:start + 3] == ["-m", "comment", "--comment"], rule
+    assert tokens.count("--comment") <= 1, rule
+    start = next(i for i, t in enumerate(tokens) if t in ("-m", "-j", "-g"))
+    if "--comment" in tokens:  # where iptables-save prints it: right after the header
+        assert tokens[start:start + 3] == ["-m", "comment", "--comment"], rule
     assert all(t in HEAD_FLAGS or tokens[i - 1] in HEAD_FLAGS
                for i, t in enumerate(tokens[:start])), rule
     for i, token in enumerate(tokens):
@@ -80,9 +83,24 @@ def whitelisted_tokens(rule: str) -> tuple[str, ...]:
     return tuple(tokens)
 
 
-def check_rule(rule: str, chains: Mapping[str, Any], ipsets: Mapping[str, Any]) -> None:
-    """A rule is whitelisted tokens only: one comment, first, and known names."""
-    tokens = whitelisted_tokens(rule)
+def fields(rule: IptablesRule) -> tuple[Any, ...]:
+    return (rule.src, rule.dst, rule.in_iface, rule.out_iface, rule.proto, rule.negated,
+            rule.comment, rule.matches, rule.target)
+
+
+@lru_cache(maxsize=1 << 16)
+def reads_back(text: str, value: tuple[Any, ...]) -> None:
+    """The text, read the way iptables-save quotes it, is the value it was rendered
+    from: no field's string turned into syntax (a space, a quote, a `-j`)."""
+    assert fields(parse_rule_text(text)) == value, text
+
+
+def check_rule(rule: IptablesRule, chains: Mapping[str, Any], ipsets: Mapping[str, Any]
+               ) -> None:
+    """A rule is whitelisted tokens only: at most one comment, after the header, and
+    known names; and its text reads back as the same value."""
+    reads_back(rule.text, fields(rule))
+    tokens = whitelisted_tokens(rule.text)
     for previous, token in itertools.pairwise(tokens):
         if previous in ("-j", "-g") and token[0].islower():
             assert token in chains and NAME_RE.fullmatch(token), (token, rule)
@@ -101,7 +119,7 @@ def check_compiled(compiled: Compiled, names: Names = NAMES) -> int:
                 check_rule(rule, table.chains, compiled.ruleset.ipsets)
                 count += 1
         for hook in table.hooks:
-            assert hook.chain in BUILTIN_CHAINS and hook.spec.split()[-1] in table.chains
+            assert hook.chain in BUILTIN_CHAINS and hook.target in table.chains
     for name, ipset in compiled.ruleset.ipsets.items():
         assert len(name) <= MAX_IPSET and NAME_RE.fullmatch(name) and names.owns_ipset(name), \
             name
@@ -115,7 +133,7 @@ def all_text(compiled: Compiled) -> str:
     parts = []
     for table in compiled.ruleset.tables.values():
         for name, rules in table.chains.items():
-            parts += [name, *rules]
+            parts += [name, *(rule.text for rule in rules)]
         parts += [h.spec for h in table.hooks]
     for name, ipset in compiled.ruleset.ipsets.items():
         parts += [name, *ipset.members]
@@ -584,7 +602,7 @@ def save_text(tables: Mapping[str, Table], foreign: Mapping[str, list[str]]) -> 
         for hook in table.hooks:
             builtins.setdefault(hook.chain, []).append(hook.spec)
         chains = {**builtins, **{k: list(v) for k, v in foreign.items()},
-                  **{k: list(v) for k, v in table.chains.items()}}
+                  **{k: [rule.text for rule in v] for k, v in table.chains.items()}}
         out += [f":{c} {'ACCEPT' if c in BUILTIN_CHAINS else '-'} [0:0]" for c in chains]
         out += [f"-A {c} {rule}" for c, rules in chains.items() for rule in rules]
         out.append("COMMIT")
@@ -615,18 +633,19 @@ def test_a_kernel_holding_the_compiled_ruleset_needs_no_change(
 owned = st.sampled_from(["hostfw-a", "hostfw-b", "hostfw-c", "hostfw-d"])
 specs = st.one_of(
     st.sampled_from(["-j ACCEPT", "-j DROP", "-j RETURN", "-p tcp -m tcp --dport 22 -j ACCEPT",
-                     '-m comment --comment "12345678 x y" -j DROP']),
+                     '-m comment --comment "x y" -j DROP', "-m comment --comment z -j DROP"]),
     owned.map(lambda c: f"-j {c}"), owned.map(lambda c: f"-s 10.0.0.0/8 -g {c}"))
 builtin = st.sampled_from(["INPUT", "FORWARD", "OUTPUT"])
 
 
 @st.composite
 def tables(draw: st.DrawFn) -> Table:
-    chains = draw(st.dictionaries(owned, st.lists(specs, max_size=4).map(tuple), max_size=4))
+    chains = draw(st.dictionaries(owned, st.lists(specs.map(parse_rule_text), max_size=4)
+                                  .map(tuple), max_size=4))
     hooks = draw(st.lists(st.tuples(builtin, st.sampled_from(sorted(chains) or ["hostfw-a"])),
                           max_size=3, unique=True))
     hooks = [(b, c) for b, c in hooks if c in chains]
-    return Table(4, "filter", chains, tuple(Hook(b, f"-j {c}") for b, c in hooks))
+    return Table(4, "filter", chains, tuple(Hook(b, c) for b, c in hooks))
 
 
 @st.composite
@@ -661,7 +680,7 @@ def test_apply_to_then_replan_is_empty_and_foreign_state_survives(
     again = plan_table(want, have, 4, "filter", owns)
     assert again.empty and again.lines() == [], again.lines()
     assert {n: r for n, r in have.chains.items() if owns(n) and n in want.chains} == {
-        n: list(r) for n, r in want.chains.items()}
+        n: [rule.text for rule in r] for n, r in want.chains.items()}
     assert {n: r for n, r in have.chains.items()
             if not owns(n) and n not in BUILTIN_CHAINS} == foreign_before
     for name, rules in builtin_foreign.items():

@@ -7,7 +7,6 @@ rendering shows up here as a readable diff.
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
 from oslo_config import cfg
@@ -15,11 +14,11 @@ from oslo_config import cfg
 from agent import config
 from agent.compiler import NatSettings, Settings, Snapshot, compile_ruleset
 from agent.compiler.flows import floating_ip_cuts
-from agent.compiler.names import MAX_CHAIN, Names
 from agent.compiler.nat import compile_nat
 from agent.dataplane.flowcut import describe
-from agent.dataplane.plan import jump_target
 from agent.model import Policy, Port, parse_policy
+from agent.vocab.names import MAX_CHAIN, Names
+from agent.vocab.rule_text import parse_rule_text
 
 NAT = NatSettings(fixed_range="10.0.0.0/24", routing_source_ip="203.0.113.1",
                   public_interface="pub0", dmz_cidr=("192.0.2.0/24",),
@@ -39,10 +38,9 @@ def snapshot(*ports: Port, nat: NatSettings | None = NAT, devices=None,
 
 
 def chain_text(rs, table: str, chain: str) -> list[str]:
-    """The chain as `-A chain rule` lines, with the hash comments left out."""
+    """The chain as `-A chain rule` lines, with the comments left out."""
     rules = rs.tables[(4, table)].chains[chain]
-    return [f"-A {chain} " + re.sub(r'-m comment --comment ("[^"]*"|\S+) ', "", r)
-            for r in rules]
+    return [f"-A {chain} " + replace(r, comment="").text for r in rules]
 
 
 def hooks(rs, table: str) -> list[tuple[str, str]]:
@@ -87,12 +85,15 @@ def test_floating_ip_golden_rules() -> None:
     ]
 
 
-def test_every_rule_carries_its_hash_comment_first() -> None:
+def test_every_rule_says_why_in_a_comment_iptables_save_prints_back() -> None:
+    """`iptables -t nat -S` is read by operators who know nova-network: each
+    rule names its purpose, quoted the way iptables-save quotes it."""
     rs = compile_nat(snapshot(vm_port("a", "10.0.0.5", FLOAT_A))).ruleset
     for table in rs.tables.values():
         for rules in table.chains.values():
             for rule in rules:
-                assert re.search(r'-m comment --comment "?[0-9a-f]{8}[ "]', rule), rule
+                assert rule.comment, rule
+                assert parse_rule_text(rule.text).comment == rule.comment, rule
 
 
 def test_same_floating_ip_twice_on_a_port_gives_one_rule_set() -> None:
@@ -116,7 +117,7 @@ def test_floating_ip_claimed_by_two_ports_goes_to_the_first_only() -> None:
     assert result.errors == (
         f"port 'port-b': floating IP {FLOAT_A} already belongs to port 'port-a'; ignored",)
     dnat = [r for r in result.ruleset.tables[(4, "nat")].chains["hostfw-PREROUTING"]
-            if "DNAT" in r and FLOAT_A in r]
+            if r.target.name == "DNAT" and r.dst == f"{FLOAT_A}/32"]
     assert len(dnat) == 1
 
 
@@ -139,7 +140,7 @@ def test_floating_ips_without_ipv4_or_of_ipv6_are_reported_and_ignored() -> None
 def test_floating_ips_of_ports_on_other_nodes_are_not_ours() -> None:
     result = compile_nat(snapshot(vm_port("a", "10.0.0.5", FLOAT_A), devices=()))
     assert result.floating_ips == {}
-    assert not any(FLOAT_A in r for t in result.ruleset.tables.values()
+    assert not any(FLOAT_A in r.text for t in result.ruleset.tables.values()
                    for rules in t.chains.values() for r in rules)
 
 
@@ -213,8 +214,8 @@ def test_fixed_range_is_written_as_iptables_save_prints_it() -> None:
 def test_filter_top_and_services_come_first_in_the_builtins() -> None:
     rs = compile_ruleset(snapshot(vm_port("a", "10.0.0.5", FLOAT_A))).ruleset
     order: dict[str, list[str]] = {}
-    for builtin, spec in hooks(rs, "filter"):
-        order.setdefault(builtin, []).append(spec.split()[-1])
+    for hook in rs.tables[(4, "filter")].hooks:
+        order.setdefault(hook.chain, []).append(hook.target)
     assert order["FORWARD"][0] == "hostfw-filter-top"
     assert order["OUTPUT"][0] == "hostfw-filter-top"
     assert order["INPUT"] == ["hostfw-network-INPUT", "hostfw-INPUT"]
@@ -268,15 +269,15 @@ def test_longest_prefix_keeps_every_name_within_the_kernel_limit() -> None:
         for chain in table.chains:
             assert len(chain) <= MAX_CHAIN, chain
             assert chain.startswith("abcdefghijkl-")
-        assert all(len(h.spec.split()[-1]) <= MAX_CHAIN for h in table.hooks)
+        assert all(len(h.target) <= MAX_CHAIN for h in table.hooks)
 
 
 def test_every_jump_lands_on_a_chain_of_the_same_table() -> None:
     rs = compile_ruleset(snapshot(vm_port("a", "10.0.0.5", FLOAT_A),
                                   vm_port("b", "10.0.0.6"))).ruleset
     for (family, name), table in rs.tables.items():
-        targets = {jump_target(r) for rules in table.chains.values() for r in rules}
-        targets |= {jump_target(h.spec) for h in table.hooks}
+        targets = {r.jump for rules in table.chains.values() for r in rules}
+        targets |= {h.target for h in table.hooks}
         owned = {t for t in targets if t and t.startswith("hostfw-")}
         assert owned <= set(table.chains), (family, name, owned - set(table.chains))
 
@@ -317,20 +318,21 @@ def test_nat_works_with_per_bridge_conntrack_zones() -> None:
 
 def zoned(*ports: Port, nat: NatSettings | None = NAT,
           bridges: dict[str, str] | None = None) -> list[str]:
-    """raw PREROUTING and OUTPUT (v4) as `-A` lines, each port on br0 (or `bridges`)."""
+    """The raw table (v4) as `-A` lines, chain by chain: PREROUTING, OUTPUT, then the
+    bridges' zone trees; each port on br0 (or `bridges`)."""
     bridges = bridges or {p.device: "br0" for p in ports}
     zones = {b: 4097 + i for i, b in enumerate(sorted(set(bridges.values())))}
     snap = Snapshot(Policy(ports=ports), frozenset(p.device for p in ports),
                     Settings(nat=nat), bridges, zones)
     rs = compile_ruleset(snap).ruleset
-    return (chain_text(rs, "raw", "hostfw-PREROUTING") +
-            chain_text(rs, "raw", "hostfw-OUTPUT"))
+    return [line for chain in rs.tables[(4, "raw")].chains
+            for line in chain_text(rs, "raw", chain)]
 
 
 def test_nat_zone_rules_golden() -> None:
     """Floating IPs first (from anywhere and from the node), the full zone where
-    the fixed source stays, --zone-orig for host SNAT, then the bridge rule,
-    then arrivals routed in to fixed IPs."""
+    the fixed source stays, --zone-orig for host SNAT, then the bridges' zone
+    tree, then arrivals routed in to fixed IPs (the first CT rule met wins)."""
     assert zoned(vm_port("a", "10.0.0.5", FLOAT_A), vm_port("b", "10.0.0.6")) == [
         f"-A hostfw-PREROUTING -d {FLOAT_A}/32 -j CT --zone 4097",
         "-A hostfw-PREROUTING -d 203.0.113.1/32 -i br0 -j CT --zone 4097",
@@ -339,11 +341,15 @@ def test_nat_zone_rules_golden() -> None:
         "-A hostfw-PREROUTING -d 192.0.2.0/24 -i br0 -j CT --zone 4097",
         "-A hostfw-PREROUTING -s 10.0.0.5/32 -i br0 -j CT --zone 4097",
         "-A hostfw-PREROUTING -s 10.0.0.0/24 -i br0 -j CT --zone-orig 4097",
-        "-A hostfw-PREROUTING -i br0 -j CT --zone 4097",
+        "-A hostfw-PREROUTING -j hostfw-zone-in",
         "-A hostfw-PREROUTING -d 10.0.0.5/32 -j CT --zone 4097",
         "-A hostfw-PREROUTING -d 10.0.0.6/32 -j CT --zone 4097",
         f"-A hostfw-OUTPUT -d {FLOAT_A}/32 -j CT --zone 4097",
-        "-A hostfw-OUTPUT -o br0 -j CT --zone 4097",
+        "-A hostfw-OUTPUT -j hostfw-zone-out",
+        "-A hostfw-zone-in -i br0 -j CT --zone 4097",
+        "-A hostfw-zone-in -j RETURN",
+        "-A hostfw-zone-out -o br0 -j CT --zone 4097",
+        "-A hostfw-zone-out -j RETURN",
     ]
 
 
@@ -354,14 +360,17 @@ def test_without_host_snat_no_zone_orig_and_each_float_in_its_bridges_zone() -> 
     assert not any("zone-orig" in r for r in rules)
     assert f"-A hostfw-PREROUTING -d {FLOAT_A}/32 -j CT --zone 4097" in rules
     assert "-A hostfw-OUTPUT -d 198.51.100.11/32 -j CT --zone 4098" in rules
+    assert "-A hostfw-zone-in -i br1 -j CT --zone 4098" in rules
     assert rules.index("-A hostfw-PREROUTING -d 10.0.0.6/32 -j CT --zone 4098") > \
-        rules.index("-A hostfw-PREROUTING -i br1 -j CT --zone 4098")
+        rules.index("-A hostfw-PREROUTING -j hostfw-zone-in")
 
 
 def test_no_nat_zone_rules_when_zones_or_nat_are_off() -> None:
     ports = (vm_port("a", "10.0.0.5", FLOAT_A),)
-    assert zoned(*ports, nat=None) == ["-A hostfw-PREROUTING -i br0 -j CT --zone 4097",
-                                       "-A hostfw-OUTPUT -o br0 -j CT --zone 4097"]
+    assert zoned(*ports, nat=None) == [
+        "-A hostfw-PREROUTING -j hostfw-zone-in", "-A hostfw-OUTPUT -j hostfw-zone-out",
+        "-A hostfw-zone-in -i br0 -j CT --zone 4097", "-A hostfw-zone-in -j RETURN",
+        "-A hostfw-zone-out -o br0 -j CT --zone 4097", "-A hostfw-zone-out -j RETURN"]
     snap = replace(snapshot(*ports), bridges={"tapa": "br0"}, zones={"br0": 4097})
     snap = replace(snap, settings=replace(snap.settings, conntrack_zones=False))
     assert compile_ruleset(snap).ruleset.tables[(4, "raw")].chains["hostfw-PREROUTING"] == ()

@@ -13,7 +13,6 @@ import re
 
 import pytest
 
-from agent import protocols
 from agent.dataplane.plan import (
     KernelTable,
     TablePlan,
@@ -22,7 +21,10 @@ from agent.dataplane.plan import (
     plan_table,
     rules_ahead_of_hooks,
 )
-from agent.dataplane.ruleset import Hook, Table
+from agent.vocab import protocols
+from agent.vocab.rule_text import parse_rule_text
+from agent.vocab.rules import IptablesRule
+from agent.vocab.ruleset import Hook, Table
 
 OWNS = re.compile(r"^hostfw-").match
 
@@ -60,18 +62,18 @@ COMMIT
 -A DOCKER -d 172.17.0.2/32 ! -i docker0 -o docker0 -p tcp -m tcp --dport 80 -j ACCEPT
 -A f2b-sshd -s 203.0.113.7/32 -j REJECT --reject-with icmp-port-unreachable
 -A f2b-sshd -j RETURN
--A hostfw-FORWARD -m comment --comment "b21cc780 traffic to a VM" -m physdev --physdev-out \
+-A hostfw-FORWARD -m comment --comment "traffic to a VM" -m physdev --physdev-out \
 tap+ --physdev-is-bridged -j hostfw-sg-chain
--A hostfw-INPUT -p ipencap -m comment --comment "0a1b2c3d ipip" -j RETURN
--A hostfw-old -m comment --comment 0a1b2c3d -j DROP
--A hostfw-sg-chain -m comment --comment "4a67e846 both ends passed" -j ACCEPT
+-A hostfw-INPUT -p ipencap -m comment --comment "ipip tunnels" -j RETURN
+-A hostfw-old -m comment --comment old -j DROP
+-A hostfw-sg-chain -m comment --comment "both ends passed" -j ACCEPT
 COMMIT
 # Completed on Sat Nov 22 07:41:00 2025
 """
 
-FWD_RULE = ('-m comment --comment "b21cc780 traffic to a VM" -m physdev --physdev-out tap+ '
+FWD_RULE = ('-m comment --comment "traffic to a VM" -m physdev --physdev-out tap+ '
             '--physdev-is-bridged -j hostfw-sg-chain')
-ACCEPT_RULE = '-m comment --comment "4a67e846 both ends passed" -j ACCEPT'
+ACCEPT_RULE = '-m comment --comment "both ends passed" -j ACCEPT'
 FOREIGN_RULES = [
     "-p tcp -m multiport --dports 22 -j f2b-sshd",
     "-o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
@@ -88,14 +90,19 @@ def kernel() -> KernelTable:
     return parse_save(SAVE_TEXT, lambda p: protocols.canonical_token(p, {"ipencap": 4}))["filter"]
 
 
+def rules(*texts: str) -> tuple[IptablesRule, ...]:
+    """Our rules, written in iptables-save notation for brevity."""
+    return tuple(parse_rule_text(text) for text in texts)
+
+
 def desired(**chains: tuple[str, ...]) -> Table:
     """The table we want: the kernel's own chains unless overridden, plus two hooks."""
-    base = {"hostfw-FORWARD": (FWD_RULE,), "hostfw-INPUT": ('-p 4 -m comment --comment '
-                                                          '"0a1b2c3d ipip" -j RETURN',),
-            "hostfw-sg-chain": (ACCEPT_RULE,)}
-    base.update({name.replace("_", "-"): rules for name, rules in chains.items()})
-    return Table(4, "filter", base, (Hook("INPUT", "-j hostfw-INPUT"),
-                                     Hook("FORWARD", "-j hostfw-FORWARD")))
+    base = {"hostfw-FORWARD": rules(FWD_RULE),
+            "hostfw-INPUT": rules('-p 4 -m comment --comment "ipip tunnels" -j RETURN'),
+            "hostfw-sg-chain": rules(ACCEPT_RULE)}
+    base.update({name.replace("_", "-"): rules(*texts) for name, texts in chains.items()})
+    return Table(4, "filter", base, (Hook("INPUT", "hostfw-INPUT"),
+                                     Hook("FORWARD", "hostfw-FORWARD")))
 
 
 def plan(want: Table | None, have: KernelTable | None = None, force: bool = False) -> TablePlan:
@@ -133,14 +140,14 @@ def test_parse_save_reads_every_table_chain_and_rule() -> None:
     assert filt["FORWARD"][1:3] == FOREIGN_RULES[1:3]
     assert filt["f2b-sshd"] == FOREIGN_RULES[4:]
     assert filt["hostfw-FORWARD"] == [FWD_RULE]
-    assert filt["hostfw-old"] == ["-m comment --comment 0a1b2c3d -j DROP"]
+    assert filt["hostfw-old"] == ["-m comment --comment old -j DROP"]
     assert filt["OUTPUT"] == []
 
 
 def test_parse_save_normalises_protocols_only_where_asked() -> None:
     assert parse_save(SAVE_TEXT)["filter"].chains["hostfw-INPUT"] == [
-        '-p ipencap -m comment --comment "0a1b2c3d ipip" -j RETURN']
-    assert kernel().chains["hostfw-INPUT"] == ['-p 4 -m comment --comment "0a1b2c3d ipip" '
+        '-p ipencap -m comment --comment "ipip tunnels" -j RETURN']
+    assert kernel().chains["hostfw-INPUT"] == ['-p 4 -m comment --comment "ipip tunnels" '
                                                '-j RETURN']
 
 
@@ -167,7 +174,7 @@ def test_parse_save_of_nothing() -> None:
 
 def test_equal_kernel_gives_an_empty_plan_apart_from_stale_objects() -> None:
     """Our chains match; only the stale chain and its foreign-chain jump need work."""
-    result = plan(desired(hostfw_old=("-m comment --comment 0a1b2c3d -j DROP",)))
+    result = plan(desired(hostfw_old=("-m comment --comment old -j DROP",)))
     assert result.rewrites == {}
     assert result.hook_inserts == []
     assert result.hook_deletes == [("FORWARD", '-m comment --comment "jump to our old chain" '
@@ -184,19 +191,26 @@ def test_a_kernel_that_matches_needs_nothing() -> None:
 
 
 def test_only_changed_chains_are_rewritten() -> None:
-    new_rules = (ACCEPT_RULE, '-m comment --comment "12345678 x" -j DROP')
+    new_rules = (ACCEPT_RULE, '-m comment --comment "x y" -j DROP')
     result = plan(desired(hostfw_sg_chain=new_rules))
-    assert result.rewrites == {"hostfw-sg-chain": new_rules}
+    assert result.rewrites == {"hostfw-sg-chain": rules(*new_rules)}
     lines = result.lines()
     assert lines[:3] == [":hostfw-sg-chain - [0:0]", f"-A hostfw-sg-chain {ACCEPT_RULE}",
-                         '-A hostfw-sg-chain -m comment --comment "12345678 x" -j DROP']
+                         '-A hostfw-sg-chain -m comment --comment "x y" -j DROP']
     assert not any("hostfw-FORWARD" in line for line in lines)
     assert_no_foreign_line(lines)
 
 
+def test_a_rule_changed_only_in_its_comment_is_rewritten() -> None:
+    """No content hash any more: the rendered texts are compared whole."""
+    result = plan(desired(hostfw_sg_chain=('-m comment --comment "both ends passed." '
+                                           '-j ACCEPT',)))
+    assert list(result.rewrites) == ["hostfw-sg-chain"]
+
+
 def test_a_new_chain_is_declared_and_filled() -> None:
     result = plan(desired(hostfw_new=("-j RETURN",), hostfw_empty=()))
-    assert result.rewrites == {"hostfw-new": ("-j RETURN",), "hostfw-empty": ()}
+    assert result.rewrites == {"hostfw-new": rules("-j RETURN"), "hostfw-empty": ()}
     assert [line for line in result.lines() if "new" in line or "empty" in line] == [
         ":hostfw-new - [0:0]", ":hostfw-empty - [0:0]", "-A hostfw-new -j RETURN"]
 
@@ -207,8 +221,8 @@ def test_missing_hooks_are_inserted_once_in_order() -> None:
     have.chains["FORWARD"].remove("-j hostfw-FORWARD")
     want = desired()
     result = plan(want, have)
-    assert result.hook_inserts == [("INPUT", "-j hostfw-INPUT"),
-                                   ("FORWARD", "-j hostfw-FORWARD")]
+    assert result.hook_inserts == [Hook("INPUT", "hostfw-INPUT"),
+                                   Hook("FORWARD", "hostfw-FORWARD")]
     assert "-I INPUT 1 -j hostfw-INPUT" in result.lines()
     result.apply_to(have)
     assert have.chains["INPUT"][0] == "-j hostfw-INPUT"
@@ -219,7 +233,7 @@ def test_missing_hooks_are_inserted_once_in_order() -> None:
 def test_several_hooks_into_one_builtin_keep_their_order() -> None:
     have = KernelTable("filter", {"FORWARD": ["-j DOCKER"]})
     want = Table(4, "filter", {"hostfw-a": (), "hostfw-b": ()},
-                 (Hook("FORWARD", "-j hostfw-a"), Hook("FORWARD", "-j hostfw-b")))
+                 (Hook("FORWARD", "hostfw-a"), Hook("FORWARD", "hostfw-b")))
     result = plan(want, have)
     assert result.lines()[-2:] == ["-I FORWARD 1 -j hostfw-b", "-I FORWARD 1 -j hostfw-a"]
     result.apply_to(have)
@@ -311,7 +325,7 @@ def test_apply_to_predicts_the_kernel_so_replanning_is_empty() -> None:
     assert not first.empty
     first.apply_to(have)
     assert {n: r for n, r in have.chains.items() if owns(n)} == {
-        n: list(r) for n, r in want.chains.items()}
+        n: [rule.text for rule in r] for n, r in want.chains.items()}
     again = plan(want, have)
     assert again.empty and again.lines() == []
 
@@ -339,8 +353,8 @@ def test_plan_against_an_empty_kernel_creates_everything() -> None:
     want = desired()
     result = plan_table(want, None, 4, "filter", owns)
     assert result.rewrites == dict(want.chains)
-    assert result.hook_inserts == [("INPUT", "-j hostfw-INPUT"),
-                                   ("FORWARD", "-j hostfw-FORWARD")]
+    assert result.hook_inserts == [Hook("INPUT", "hostfw-INPUT"),
+                                   Hook("FORWARD", "hostfw-FORWARD")]
     have = KernelTable("filter")
     result.apply_to(have)
     assert plan(want, have).empty
@@ -359,7 +373,7 @@ def test_deleting_an_empty_stale_chain_is_a_change() -> None:
     have = kernel()
     del have.chains["FORWARD"][-1]  # the plan would delete this jump: keep it out
     have.chains["hostfw-gone"] = []
-    result = plan(desired(hostfw_old=("-m comment --comment 0a1b2c3d -j DROP",)), have)
+    result = plan(desired(hostfw_old=("-m comment --comment old -j DROP",)), have)
     assert (result.rewrites, result.hook_inserts, result.hook_deletes) == ({}, [], [])
     assert "-X hostfw-gone" in result.lines()
     assert not result.empty
@@ -376,8 +390,8 @@ def test_a_foreign_rule_mentioning_our_chain_in_a_comment_is_left_alone() -> Non
 def test_a_reinserted_hook_goes_back_in_order() -> None:
     """Only the second of two hooks is deleted: both come back in the desired order."""
     table = Table(4, "nat", {"hostfw-POSTROUTING": (), "hostfw-postrouting-bottom": ()},
-                  (Hook("POSTROUTING", "-j hostfw-POSTROUTING"),
-                   Hook("POSTROUTING", "-j hostfw-postrouting-bottom")))
+                  (Hook("POSTROUTING", "hostfw-POSTROUTING"),
+                   Hook("POSTROUTING", "hostfw-postrouting-bottom")))
     have = KernelTable("nat", {"POSTROUTING": ["-o eth0 -j MASQUERADE",
                                                "-j hostfw-postrouting-bottom"],
                                "hostfw-POSTROUTING": [], "hostfw-postrouting-bottom": []})

@@ -15,6 +15,9 @@ from typing import Any
 
 from agent.compiler import Settings, Snapshot, compile_ruleset
 from agent.model import parse_policy
+from agent.vocab.rules import IptablesRule, Target, jump, opt
+
+NOTRACK = jump("CT", opt("--notrack"))
 
 STATELESS = [{"direction": "ingress", "protocol": "tcp", "port_range_min": 22,
               "stateful": False},
@@ -28,7 +31,7 @@ def port(pid: str, ip: str, group: str, **extra: Any) -> dict[str, Any]:
 
 
 def raw_rules(ports: list[dict[str, Any]], bridges: dict[str, str],
-              family: int = 4) -> dict[str, tuple[str, ...]]:
+              family: int = 4) -> dict[str, tuple[IptablesRule, ...]]:
     policy = parse_policy({"security_groups": {"sl": STATELESS, "sf": STATEFUL},
                            "ports": ports})
     assert policy.errors == ()
@@ -37,25 +40,41 @@ def raw_rules(ports: list[dict[str, Any]], bridges: dict[str, str],
     return dict(compile_ruleset(snap).ruleset.tables[(family, "raw")].chains)
 
 
-def head(rule: str) -> str:
-    """The addresses and interfaces before the comment."""
-    return rule.split("-m comment")[0].strip()
+def head(rule: IptablesRule) -> str:
+    """The addresses and interfaces, as iptables-save prints them before the comment."""
+    return " ".join(word for flag, value, negated in rule.header()
+                    for word in (["!"] if negated else []) + [flag, value])
 
 
-def notrack(chains: dict[str, tuple[str, ...]]) -> list[str]:
-    return [r for rules in chains.values() for r in rules if r.endswith("-j CT --notrack")]
+def notrack(chains: dict[str, tuple[IptablesRule, ...]]) -> list[IptablesRule]:
+    return [r for rules in chains.values() for r in rules if r.target == NOTRACK]
+
+
+def scoped(rule: IptablesRule, device: str, bridge: str) -> bool:
+    """The rule matches only what the port sends, or what its bridge carries."""
+    physdev = rule.match("physdev")
+    sent = physdev is not None and physdev.option("--physdev-in") == opt("--physdev-in", device)
+    return sent or bridge in (rule.in_iface, rule.out_iface)
+
+
+def zone(number: int) -> Target:
+    return jump("CT", opt("--zone", number))
+
+
+def zone_rules(chains: dict[str, tuple[IptablesRule, ...]]) -> list[IptablesRule]:
+    """The rules that put a bridge in its zone, wherever the zone tree keeps them."""
+    return [r for rules in chains.values() for r in rules
+            if r.target.name == "CT" and r.target != NOTRACK]
 
 
 def test_every_notrack_rule_names_the_port_or_its_bridge() -> None:
     chains = raw_rules([port("s", "10.0.0.5", "sl"), port("t", "10.0.0.6", "sf")],
                        {"taps": "brA", "tapt": "brA"})
-    assert notrack(chains) == [
-        r for r in notrack(chains) if "--physdev-in taps " in r or " -i brA " in r or
-        " -o brA " in r]
+    assert notrack(chains) and all(scoped(r, "taps", "brA") for r in notrack(chains))
     pre, out = chains["hostfw-PREROUTING"], chains["hostfw-OUTPUT"]
-    assert [head(r) for r in pre if "notrack" in r] == ["", "-d 10.0.0.5/32 -i brA"]
-    assert [head(r) for r in out if "notrack" in r] == ["-d 10.0.0.5/32 -o brA"]
-    assert any(r.startswith("-i brA ") and "--zone 4097" in r for r in pre)
+    assert [head(r) for r in pre if r.target == NOTRACK] == ["", "-d 10.0.0.5/32 -i brA"]
+    assert [head(r) for r in out if r.target == NOTRACK] == ["-d 10.0.0.5/32 -o brA"]
+    assert any(head(r) == "-i brA" and r.target == zone(4097) for r in zone_rules(chains))
 
 
 def test_a_wide_allowed_address_pair_untracks_nothing_but_the_port_itself() -> None:
@@ -67,23 +86,22 @@ def test_a_wide_allowed_address_pair_untracks_nothing_but_the_port_itself() -> N
     ports = [port("s", "10.0.0.5", "sl", allowed_address_pairs=pairs)]
     for family in (4, 6):
         rules = notrack(raw_rules(ports, {"taps": "brA"}, family))
-        assert all("--physdev-in taps " in r or " -i brA " in r or " -o brA " in r
-                   for r in rules), rules
-        assert not any("/0 " in r or "/16 " in r for r in rules), rules
-    assert sorted(head(r) for r in notrack(raw_rules(ports, {"taps": "brA"}))
-                  ) == ["", "-d 10.0.0.5/32 -i brA", "-d 10.0.0.5/32 -o brA",
-                        "-d 10.9.9.9/32 -i brA", "-d 10.9.9.9/32 -o brA"]
+        assert rules and all(scoped(r, "taps", "brA") for r in rules), rules
+        assert all(address is None or address.endswith(("/32", "/128"))
+                   for r in rules for address in (r.src, r.dst)), rules
+    assert sorted(head(r) for r in notrack(raw_rules(ports, {"taps": "brA"}))) == [
+        "", "-d 10.0.0.5/32 -i brA", "-d 10.0.0.5/32 -o brA", "-d 10.9.9.9/32 -i brA",
+        "-d 10.9.9.9/32 -o brA"]
 
 
 def test_a_reused_address_on_another_bridge_stays_tracked() -> None:
     chains = raw_rules([port("s", "10.0.0.5", "sl"), port("t", "10.0.0.5", "sf")],
                        {"taps": "brA", "tapt": "brB"})
-    assert not any("brB" in r for r in notrack(chains))
-    assert any(r.startswith("-i brB ") and r.endswith("-j CT --zone 4098")
-               for r in chains["hostfw-PREROUTING"])
+    assert notrack(chains) and not any("brB" in r.text for r in notrack(chains))
+    assert any(head(r) == "-i brB" and r.target == zone(4098) for r in zone_rules(chains))
 
 
 def test_a_stateless_port_off_any_bridge_untracks_only_its_own_sends() -> None:
     rules = notrack(raw_rules([port("s", "10.0.0.5", "sl")], {"taps": ""}))
     assert [head(r) for r in rules] == [""]
-    assert "-m physdev --physdev-in taps" in rules[0]
+    assert "-m physdev --physdev-in taps" in rules[0].text

@@ -202,10 +202,10 @@ def test_ipv6_neighbour_discovery_is_allowed_and_echo_is_not() -> None:
     from_client, _ = probe("tapweb", "icmp", src=client_ll, dst="ff02::1:ff00:2",
                            icmp_type=135, peer="tapclient")
     assert from_client.verdict == ACCEPT
-    assert effects(from_client)[6:8] == [("hostfw-from", "go to hostfw-oclient"),
+    assert effects(from_client)[8:10] == [("hostfw-from", "go to hostfw-oclient"),
                                          ("hostfw-oclient",
-                                          f"go to {profiles(from_client)[0]}")]
-    assert "-s fe80::" in (from_client.steps[7].rule or "")
+                                           f"go to {profiles(from_client)[0]}")]
+    assert "-s fe80::" in (from_client.steps[9].rule or "")
     echo, packet = probe("tapweb", "icmp", src="fd00::77")
     assert (packet.proto, packet.icmp_type, echo.verdict) == ("ipv6-icmp", 128, DROP)
 
@@ -241,11 +241,12 @@ def test_stateless_group_is_not_tracked() -> None:
     query, packet = probe("tapquiet", "udp", src="10.0.0.50", sport=40000, dport=53,
                           ctstate="ESTABLISHED")
     assert query.verdict == ACCEPT
-    assert effects(query)[1:3] == [
+    assert effects(query)[1:4] == [
         ("hostfw-PREROUTING", "not tracked: conntrack state UNTRACKED"),
+        ("hostfw-PREROUTING", "jump to hostfw-zone-in"),
         # Only the first CT rule a packet meets counts: the bridge's zone rule does nothing.
-        ("hostfw-PREROUTING", "no effect: an earlier CT rule already set this packet's "
-                              "conntrack")]
+        ("hostfw-zone-in", "no effect: an earlier CT rule already set this packet's "
+                           "conntrack")]
     # Without tracking an "established" reply has no session to ride on.
     reply, _ = probe("tapquiet", "udp", src="10.0.0.50", sport=40000, dport=54,
                      ctstate="ESTABLISHED")

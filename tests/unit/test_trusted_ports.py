@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from agent.compiler import Settings, Snapshot, compile_ruleset
 from agent.model import Policy, parse_policy
+from agent.vocab.rules import IptablesRule
 
 PORT = "5e4f0b1a-9c1d-4c3e-8f00-000000000001"   # device tap5e4f0b1a-9c
 DHCP_TAP = "tapdhcp0000-01"
@@ -29,21 +30,23 @@ def policy(trusted: frozenset[str] = frozenset()) -> Policy:
     return replace(parsed, trusted_devices=trusted)
 
 
-def tree(trusted: frozenset[str], devices: set[str], root: str = "hostfw-from") -> list[str]:
+def tree(trusted: frozenset[str], devices: set[str],
+         root: str = "hostfw-from") -> list[IptablesRule]:
     compiled = compile_ruleset(Snapshot(policy(trusted), frozenset(devices),
                                         Settings(enable_ipv6=False)))
     return [rule for chain, rules in compiled.ruleset.tables[(4, "filter")].chains.items()
             if chain == root for rule in rules]
 
 
-def verdicts(rules: list[str]) -> dict[str, str]:
+def verdicts(rules: list[IptablesRule]) -> dict[str, str]:
     """device -> the target of its dispatch rule ("" for the catch-all)."""
     out = {}
     for rule in rules:
-        words = rule.split()
-        device = next((words[i + 1] for i, w in enumerate(words)
-                       if w in ("--physdev-in", "--physdev-out")), "")
-        out[device] = words[-1]
+        physdev = rule.match("physdev")
+        options = physdev.options if physdev else ()
+        device = next((o.values[0] for o in options
+                       if o.flag in ("--physdev-in", "--physdev-out")), "")
+        out[device] = rule.target.name
     return out
 
 
