@@ -20,21 +20,14 @@ LABELS = {"rules": "rules in the kernel after the cold apply",
 
 
 def _row(what: str, workload: str, backend: str, ours: float | None, unit: str, goal: str,
-         met: bool | None, spread: str = "", note: str = "") -> dict[str, Any]:
+         met: bool | None, note: str = "") -> dict[str, Any]:
     return {"what": what, "workload": workload, "backend": backend, "ours": ours, "unit": unit,
-            "spread": spread, "floor": None, "neutron": None, "goal": goal, "met": met,
+            "spread": "", "floor": None, "neutron": None, "goal": goal, "met": met,
             "note": note}
 
 
 def _value(fig: dict[str, Any], tree: str) -> float | None:
     return median(fig.get(tree))
-
-
-def _spread(fig: dict[str, Any]) -> str:
-    summ = fig.get("head")
-    if not summ:
-        return ""
-    return f"{summ['min']:.3g}-{summ['max']:.3g} (n={summ['n']})"
 
 
 def rows(baseline: dict[str, Any]) -> list[dict[str, Any]]:
