@@ -18,7 +18,11 @@ Sections, each run per backend and recorded even when another fails:
             controller (bench/fleet.py);
 - e2e:      what users see: the real agent, standalone and RPC, with the taps
             present, from the operator's action to the first packet that shows
-            it, and cold start against the restore floor (bench/e2e.py).
+            it, and cold start against the restore floor (bench/e2e.py);
+- baseline: a baseline git revision (issue 13's "today": 4e890fc) beside the
+            working tree in the same run, interleaved: rules in the kernel,
+            cold apply in process, the real agent's cold start
+            (bench/baseline.py; `--baseline-rev ''` skips it).
 
 `--quick` is a small smoke run (minutes); `--report-only` re-judges and
 re-plots an existing latest.json without touching the kernel.
@@ -39,7 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import report
+from bench import baseline_report, report
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results"
@@ -52,8 +56,8 @@ def _csv_ints(text: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run")
-    ap.add_argument("--sections", default="engine,agent,datapath,e2e,fleet",
-                    help="comma list of engine, agent, datapath, e2e, fleet")
+    ap.add_argument("--sections", default="engine,agent,datapath,e2e,fleet,baseline",
+                    help="comma list of engine, agent, datapath, e2e, fleet, baseline")
     ap.add_argument("--backends", default="",
                     help="comma list (default: iptables-legacy, iptables-nft, and iptc "
                          "when agent/dataplane/iptc_backend.py exists)")
@@ -88,6 +92,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="real agents in the fleet convergence runs")
     ap.add_argument("--fleet-storm-agents", type=int, default=1000)
     ap.add_argument("--fleet-storm-rounds", type=int, default=3)
+    ap.add_argument("--baseline-rev", default="4e890fc",
+                    help="git revision measured beside the working tree ('': skip)")
+    ap.add_argument("--baseline-ports", type=int, default=1000)
+    ap.add_argument("--baseline-repeats", type=int, default=3)
+    ap.add_argument("--baseline-backends", default="iptables-legacy,iptables-nft")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--report-only", action="store_true",
                     help="re-judge and re-plot OUT/latest.json")
@@ -103,6 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.e2e_sizes, args.e2e_repeats, args.e2e_repeats_large = [10, 1000], 3, 2
         args.e2e_cold = 2
         args.fleet_sizes, args.fleet_storm_rounds = [10], 1
+        args.baseline_ports, args.baseline_repeats = 100, 1
     return args
 
 
@@ -300,11 +310,27 @@ def run_e2e(run: Run, backends: list[str] | None) -> None:
             broker.teardown()
 
 
+def run_baseline(run: Run, backends: list[str] | None) -> None:
+    from bench import baseline
+
+    rev = run.args.baseline_rev
+    if not rev:
+        run.results["baseline"] = {"skipped": "--baseline-rev ''", "rev": None}
+        return
+    names = [b for b in run.args.baseline_backends.split(",") if b]
+    run.say(f"baseline {rev}: {names}, {run.args.baseline_ports} ports, "
+            f"{run.args.baseline_repeats} interleaved repeats")
+    run.results["baseline"] = run.guarded("baseline", lambda: baseline.bench_baseline(
+        rev, names, run.args.baseline_ports, run.args.baseline_repeats, run.work, run.say))
+    run.checkpoint()
+
+
 def finish(results: dict[str, Any], out: Path, plots: bool) -> None:
     results["goals"] = report.verdicts(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
-    (out / "latest.md").write_text(report.markdown(results["goals"]))
+    (out / "latest.md").write_text(report.markdown(results["goals"]) + "\n" +
+                                   baseline_report.markdown(results.get("baseline", {})))
     if plots:
         try:
             results["plots"] = report.plots(results, out)
@@ -332,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     run.say(f"work dir {run.work}; load {run.results['load']['start']}")
     run_peer(run)
     for name, fn in (("engine", run_engine), ("agent", run_agent),
-                     ("datapath", run_datapath), ("e2e", run_e2e), ("fleet", run_fleet)):
+                     ("datapath", run_datapath), ("e2e", run_e2e), ("fleet", run_fleet),
+                     ("baseline", run_baseline)):
         if name in sections:
             run.results["load"][f"{name}_start"] = report.loadavg()
             fn(run, backends)

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import e2e_report, peer
+from bench import baseline_report, e2e_report, peer
 from bench.stats import median
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,6 +200,7 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows += _datapath_rows(results.get("datapath", {}))
     rows += e2e_report.rows(results.get("e2e", {}))
     rows += _fleet_rows(results.get("fleet", {}))
+    rows += baseline_report.rows(results.get("baseline", {}))
     return rows
 
 
