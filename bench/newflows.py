@@ -29,6 +29,10 @@ Rules of this room:
    in `dst` and never read makes `dst` drop them quietly rather than answer
    ICMP port unreachable across the firewall. A sample is as many bursts as
    fill `seconds` of sending; its rate is their flows over their time.
+   The veth hands each datagram to the sending CPU's backlog, so that CPU
+   also carries it across the bridge and the firewall before the next send:
+   the pace the sender keeps is the cost of one new flow, end to end, and
+   a drop anywhere shows as flows sent but not accepted.
 """
 
 from __future__ import annotations
