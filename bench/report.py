@@ -112,7 +112,7 @@ def _ports_of(workload: str) -> int:
 
 
 def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per goal of issue 8 (and per extra measurement of issue 3)."""
+    """One row per goal of issue 8 (and per extra measurement of issue 3; new flows: 13)."""
     rows: list[dict[str, Any]] = []
     peer_data = results.get("peer", {})
     engine = results.get("engine", {})
@@ -265,8 +265,14 @@ def _datapath_rows(datapath: dict[str, Any]) -> list[dict[str, Any]]:
                          backend, ratio, "x", ">= 80%", ratio is not None and ratio >= PPS_RATIO,
                          _spread(res["programmed"][high]["received_pps"]),
                          note=f"{got_high:,.0f} vs {got_low:,.0f} pps; no rules at all "
-                              f"{base:,.0f} pps"))
+                              f"{base:,.0f} pps{_overlapped(res)}"))
     return rows
+
+
+def _overlapped(res: dict[str, Any]) -> str:
+    """A note for the samples `programmed.quiet` could not keep clear of the agent's work."""
+    return f"; {res['overlapped']} samples overlapped the agent's work" \
+        if res.get("overlapped") else ""
 
 
 def _newflows_rows(newflows: dict[str, Any]) -> list[dict[str, Any]]:
@@ -281,8 +287,6 @@ def _newflows_rows(newflows: dict[str, Any]) -> list[dict[str, Any]]:
         low, high = str(min(counts)), str(max(counts))
         ratio = res.get("ratio_max_over_min")
         top = res["programmed"][high]
-        overlapped = f"; {res['overlapped']} samples overlapped the agent" \
-            if res.get("overlapped") else ""
         rows.append(_row(f"new flows/s (fresh source ports), {high} ports programmed vs {low}",
                          "newflows", backend, ratio, "x", f">= {NEWFLOWS_RATIO:.0%}",
                          ratio is not None and ratio >= NEWFLOWS_RATIO,
@@ -292,7 +296,7 @@ def _newflows_rows(newflows: dict[str, Any]) -> list[dict[str, Any]]:
                               f"{median(top['accepted_percent']):.1f}% of those sent accepted; "
                               f"no rules at all "
                               f"{median(res['no_rules']['accepted_fps']):,.0f} flows/s"
-                              f"{overlapped}"))
+                              f"{_overlapped(res)}"))
     return rows
 
 

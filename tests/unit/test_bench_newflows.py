@@ -100,3 +100,9 @@ def test_the_newflows_row_judges_the_ratio_against_80_percent(high: float, met: 
 def test_a_failed_newflows_run_is_a_missed_row_naming_the_error() -> None:
     rows = report.verdicts({"newflows": {"iptables-legacy": {"error": "OSError: boom"}}})
     assert [(r["met"], r["note"]) for r in rows] == [(False, "OSError: boom")]
+
+
+def test_samples_that_overlapped_the_agent_are_named_in_the_row() -> None:
+    result = {**_newflows_result(100000.0, 90000.0), "overlapped": 2}
+    row, = report.verdicts({"newflows": {"iptables-nft": result}})
+    assert row["note"].endswith("; 2 samples overlapped the agent's work")
