@@ -11,6 +11,8 @@ Sections, each run per backend and recorded even when another fails:
             (bench/agent_bench.py);
 - datapath: 64-byte UDP pps across the bridge with 2 ... 1,000 ports
             programmed (bench/datapath.py);
+- newflows: new flows per second (one datagram per fresh source port) across
+            the bridge, at the datapath's port counts (bench/newflows.py);
 - peer:     Neutron's driver, live when its venv is at hand, else its earlier
             figures, quoted (bench/peer.py);
 - fleet:    N real agents on one broker and controller converging after one
@@ -56,8 +58,9 @@ def _csv_ints(text: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small smoke run")
-    ap.add_argument("--sections", default="engine,agent,datapath,e2e,fleet,baseline",
-                    help="comma list of engine, agent, datapath, e2e, fleet, baseline")
+    ap.add_argument("--sections", default="engine,agent,datapath,newflows,e2e,fleet,baseline",
+                    help="comma list of engine, agent, datapath, newflows, e2e, fleet, "
+                         "baseline")
     ap.add_argument("--backends", default="",
                     help="comma list (default: iptables-legacy, iptables-nft, and iptc "
                          "when agent/dataplane/iptc_backend.py exists)")
@@ -74,6 +77,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--datapath-counts", type=_csv_ints, default=[2, 10, 100, 1000])
     ap.add_argument("--datapath-repeats", type=int, default=3)
     ap.add_argument("--datapath-seconds", type=float, default=3.0)
+    ap.add_argument("--newflows-counts", type=_csv_ints, default=None,
+                    help="ports programmed (default: --datapath-counts)")
+    ap.add_argument("--newflows-repeats", type=int, default=3)
+    ap.add_argument("--newflows-seconds", type=float, default=2.0,
+                    help="seconds of sending per sample (whole bursts of 64,512 flows)")
     ap.add_argument("--neutron", choices=("auto", "quote"), default="auto",
                     help="auto: run the peer live when a neutron venv is found")
     ap.add_argument("--neutron-sizes", type=_csv_ints, default=[10, 100, 1000])
@@ -108,11 +116,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.step_repeats = 2
         args.agent_sizes, args.agent_samples = [10, 100], 3
         args.datapath_counts, args.datapath_repeats, args.datapath_seconds = [2, 10], 1, 2.0
+        args.newflows_repeats, args.newflows_seconds = 1, 1.0
         args.neutron_sizes = [10]
         args.e2e_sizes, args.e2e_repeats, args.e2e_repeats_large = [10, 1000], 3, 2
         args.e2e_cold = 2
         args.fleet_sizes, args.fleet_storm_rounds = [10], 1
         args.baseline_ports, args.baseline_repeats = 100, 1
+    if args.newflows_counts is None:
+        args.newflows_counts = args.datapath_counts
     return args
 
 
@@ -229,6 +240,23 @@ def run_datapath(run: Run, backends: list[str] | None) -> None:
         out[backend] = res
         if res.get("ratio_max_over_min") is not None:
             run.say(f"  pps ratio {res['ratio_max_over_min']:.2f}")
+        run.checkpoint()
+
+
+def run_newflows(run: Run, backends: list[str] | None) -> None:
+    from bench import newflows, workloads
+
+    names = [b for b in (backends or ["iptables-legacy", "iptables-nft"]) if b != "iptc"]
+    counts = run.args.newflows_counts
+    workload = workloads.load(max(counts), run.work / "workloads")
+    out = run.results.setdefault("newflows", {})
+    for backend in names:
+        run.say(f"newflows {backend}: counts {counts}, {run.args.newflows_repeats} repeats")
+        res = run.guarded(f"newflows {backend}", lambda b=backend: newflows.bench_newflows(
+            b, workload, counts, run.args.newflows_repeats, run.args.newflows_seconds))
+        out[backend] = res
+        if res.get("ratio_max_over_min") is not None:
+            run.say(f"  new flows/s ratio {res['ratio_max_over_min']:.2f}")
         run.checkpoint()
 
 
@@ -358,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     run.say(f"work dir {run.work}; load {run.results['load']['start']}")
     run_peer(run)
     for name, fn in (("engine", run_engine), ("agent", run_agent),
-                     ("datapath", run_datapath), ("e2e", run_e2e), ("fleet", run_fleet),
-                     ("baseline", run_baseline)):
+                     ("datapath", run_datapath), ("newflows", run_newflows), ("e2e", run_e2e),
+                     ("fleet", run_fleet), ("baseline", run_baseline)):
         if name in sections:
             run.results["load"][f"{name}_start"] = report.loadavg()
             fn(run, backends)

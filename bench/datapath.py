@@ -2,19 +2,15 @@
 
 Rules of this room:
 
-1. Two real VMs (veth, tests/support/topology.py) on the node bridge; iperf3
-   runs in their namespaces (`-u -l 64 -b 0`: 64-byte payloads, as fast as the
-   sender can go), client and server pinned to different CPUs. Nothing leaves
-   the sandbox.
-2. "N ports programmed" means the real agent enforcing N ports: the two VMs
-   plus N-2 tun/tap devices of the 1,000-port workload, so the dispatch trees,
-   the group chains and the ipsets the VMs' packets cross are those of an
-   N-port node. Both VMs are in the workload's default group (every port is)
-   plus a group that admits iperf3.
-3. The received packet rate is what counts (what crossed the firewall and
+1. The node, the two VMs, the agent programming N ports and the quiet wait
+   are bench/programmed.py's; this module is the iperf3 probe. iperf3 runs
+   in the VMs' namespaces (`-u -l 64 -b 0`: 64-byte payloads, as fast as the
+   sender can go), client and server pinned to different CPUs.
+2. The received packet rate is what counts (what crossed the firewall and
    reached the server); a baseline without any rule is measured first.
-   Counts are visited in turn within each repeat, so drift in the machine's
-   load spreads over all of them.
+   One-way UDP never sees a reply, so conntrack calls every packet NEW and
+   each walks the chains; only the first creates a conntrack entry
+   (bench/newflows.py measures that).
 """
 
 from __future__ import annotations
@@ -22,33 +18,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 import time
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from bench import workloads
-from bench.agent_bench import SUBNET4, SUBNET6, BenchAgent, wait_until
-from bench.sandbox import add_taps, delete_links
-from bench.stats import summary
-from tests.support.topology import VM, Topology, popen_in, run_in
+from bench.programmed import BENCH_PORT, Sample, sweep
+from tests.support.topology import VM, popen_in, run_in
 
-IPERF_PORT = 5201
+IPERF_PORT = BENCH_PORT
 PAYLOAD = 64
-
-
-def iperf_group() -> list[dict[str, Any]]:
-    """The rules that let iperf3 (TCP control, UDP data) reach the server VM."""
-    return [
-        {"direction": "ingress", "ethertype": "IPv4", "protocol": "udp",
-         "port_range_min": IPERF_PORT, "port_range_max": IPERF_PORT,
-         "remote_ip_prefix": SUBNET4},
-        {"direction": "ingress", "ethertype": "IPv4", "protocol": "tcp",
-         "port_range_min": IPERF_PORT, "port_range_max": IPERF_PORT,
-         "remote_ip_prefix": SUBNET4},
-        {"direction": "egress", "ethertype": "IPv4"},
-        {"direction": "egress", "ethertype": "IPv6"},
-    ]
 
 
 def run_iperf(client: VM, server: VM, seconds: float) -> dict[str, float]:
@@ -86,85 +65,15 @@ def run_iperf(client: VM, server: VM, seconds: float) -> dict[str, float]:
     raise RuntimeError(f"iperf3 did not run: {last_error}")
 
 
-def quiet_iperf(agent: BenchAgent, src: VM, dst: VM, seconds: float) -> dict[str, float]:
-    """An iperf3 run during which the agent did not re-read the kernel.
-
-    After a write the agent re-reads the kernel 1 s later, then 2 s, 4 s, 8 s
-    after each read (its drift checks); each read is an apply in `status`. At
-    1,000 ports a read costs a CPU for a second or more, which would be
-    charged to the datapath. So: wait for the first two checks, run in the
-    4 s gap before the third, and run again if a check still overlapped.
-    """
-    start = agent.fast_status()["applies"]
-    try:
-        wait_until(lambda: agent.fast_status()["applies"] >= start + 2, 12,
-                   "two drift checks after the write", agent, interval=0.05)
-    except TimeoutError:  # no write, so no drift checks scheduled: already quiet
-        pass
-    for _ in range(4):
-        before = agent.fast_status()["applies"]
-        sample = run_iperf(src, dst, seconds)
-        if agent.fast_status()["applies"] == before:
-            return sample
-        wait_until(lambda b=before: agent.fast_status()["applies"] > b, 30,
-                   "the overlapping drift check to end", agent, interval=0.05)
-    return sample
-
-
-def vm_port(vm: VM, groups: list[str]) -> dict[str, Any]:
-    return {"id": vm.port_id, "device": vm.tap, "mac_address": vm.mac,
-            "fixed_ips": [vm.ipv4] + ([vm.ipv6] if vm.ipv6 else []),
-            "security_groups": groups}
+@contextmanager
+def iperf(src: VM, dst: VM, seconds: float) -> Iterator[Callable[[], Sample]]:
+    """A probe for `programmed.sweep`: one iperf3 run from src to dst per sample."""
+    yield lambda: run_iperf(src, dst, seconds)
 
 
 def bench_datapath(backend: str, workload: dict[str, Any], counts: list[int], repeats: int,
                    seconds: float) -> dict[str, Any]:
     """pps by ports programmed (and with no rules at all) for one backend."""
-    result: dict[str, Any] = {"backend": backend, "payload_bytes": PAYLOAD,
-                              "seconds_per_run": seconds, "counts": counts}
-    with Topology(subnet4=SUBNET4, subnet6=SUBNET6) as topo, \
-            tempfile.TemporaryDirectory(prefix="hfwbench-") as workdir:
-        src, dst = topo.add_vm("src"), topo.add_vm("dst")
-        baseline = [run_iperf(src, dst, seconds) for _ in range(repeats)]
-        result["no_rules"] = {key: summary([b[key] for b in baseline])
-                              for key in ("received_pps", "sent_pps")}
-        groups = dict(workload["security_groups"])
-        groups["sg-iperf"] = iperf_group()
-        member_of = [workloads.default_group(workload), "sg-iperf"]
-        vms = [vm_port(src, member_of), vm_port(dst, member_of)]
-        ports = workload["ports"]
-
-        def doc(count: int) -> dict[str, Any]:
-            return {"security_groups": groups, "ports": list(ports[:count - 2]) + vms,
-                    "sg_member_ips": workload["sg_member_ips"]}
-
-        agent = BenchAgent(Path(workdir), topo.node.ns, doc(2), backend=backend,
-                           resync_interval=3600)
-        agent.start()
-        present: set[str] = set()
-        samples: dict[int, list[dict[str, float]]] = {c: [] for c in counts}
-        try:
-            for _ in range(repeats):
-                for count in counts:
-                    want = {p["device"] for p in ports[:count - 2]}
-                    add_taps(topo.node.ns, sorted(want - present), topo.node.bridge)
-                    delete_links(topo.node.ns, sorted(present - want))
-                    present = want
-                    agent.write_policy(doc(count))
-                    wait_until(lambda c=count: agent.fast_status().get("devices") == c, 120,
-                               f"{count} devices seen", agent)
-                    agent.resync(timeout=120)
-                    wait_until(lambda c=count: agent.fast_status().get("ports_active") == c,
-                               120, f"{count} ports active", agent)
-                    samples[count].append(quiet_iperf(agent, src, dst, seconds))
-        finally:
-            agent.stop()
-        result["programmed"] = {
-            str(count): {key: summary([s[key] for s in rows])
-                         for key in ("received_pps", "sent_pps", "lost_percent")}
-            for count, rows in samples.items()}
-    low, high = str(min(counts)), str(max(counts))
-    base = result["programmed"][low]["received_pps"]["median"]
-    top = result["programmed"][high]["received_pps"]["median"]
-    result["ratio_max_over_min"] = round(top / base, 3) if base else None
-    return result
+    result = sweep(backend, workload, counts, repeats,
+                   lambda node: iperf(node.src, node.dst, seconds), "received_pps")
+    return {"payload_bytes": PAYLOAD, "seconds_per_run": seconds, **result}
