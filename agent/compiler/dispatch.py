@@ -10,6 +10,14 @@ verdict, so a managed device nobody knows never passes.
 Because each level *goes to* (`-g`) the next, a port chain's RETURN comes back
 to whoever *jumped* into the root, whatever the depth.
 
+Rules a packet walks carry no comment: a comment is a match the kernel runs
+for every rule walked, on legacy and on iptables-nft alike (measured at 1,000
+ports: a tree rule costs ~100 ns with its comment and ~45 ns without on
+legacy, ~147 and ~81 ns on nft), and the targets already say where a rule
+goes (`-g hostfw-oab12`, `-g hostfw-from-ab`). Only leaves whose target does
+not name the port (RETURN for a port without port security, a CT zone) and
+each chain's final unknown verdict keep one.
+
 Subtrees are memoised on their entries: adding one port re-renders only the
 chains on the path to its leaf, which keeps a one-port apply cheap at 1,000
 ports.
@@ -56,6 +64,9 @@ class Key:
     noun: str = "device"
 
     def rule(self, name: str, target: Target, comment: str) -> IptablesRule:
+        """The rule matching `name`; a goto names its chain, so it needs no comment."""
+        if target.goto:
+            comment = ""
         if self.field == "physdev-in":
             return IptablesRule(target, matches=(physdev(in_dev=name),), comment=comment)
         if self.field == "physdev-out":

@@ -212,13 +212,16 @@ def dispatch(device: str, target: str, note: str, unknown: str = "DROP") -> dict
     chain = target[len("-g hostfw-o"):] if target.startswith("-g") else ""
     to_target = f"-g hostfw-i{chain}" if chain else target
     note = f'"{note}"' if " " in note else note
+    # A leaf that goes to the port's chain carries no comment (dispatch.py says why).
+    from_note = "" if target.startswith("-g") else f"-m comment --comment {note} "
+    to_note = "" if to_target.startswith("-g") else f"-m comment --comment {note} "
     return {
         "hostfw-from": [
-            f'-m comment --comment {note} -m physdev --physdev-in {device} {target}',
+            f'{from_note}-m physdev --physdev-in {device} {target}',
             f'-m comment --comment "unknown device" -j {unknown}',
         ],
         "hostfw-to": [
-            f'-m comment --comment {note} -m physdev --physdev-out {device} '
+            f'{to_note}-m physdev --physdev-out {device} '
             f'--physdev-is-bridged {to_target}',
             f'-m comment --comment "unknown device" -j {unknown}',
         ],
@@ -479,15 +482,13 @@ def test_golden_port_security_off_and_unknown_device_policy(policy: str, verdict
         "hostfw-from": [
             '-m comment --comment "port open without port security" -m physdev '
             '--physdev-in tapopen -j RETURN',
-            '-m comment --comment "port shut" -m physdev --physdev-in tapshut '
-            '-g hostfw-oshut',
+            '-m physdev --physdev-in tapshut -g hostfw-oshut',
             f'-m comment --comment "unknown device" -j {verdict}',
         ],
         "hostfw-to": [
             '-m comment --comment "port open without port security" -m physdev '
             '--physdev-out tapopen --physdev-is-bridged -j RETURN',
-            '-m comment --comment "port shut" -m physdev --physdev-out tapshut '
-            '--physdev-is-bridged -g hostfw-ishut',
+            '-m physdev --physdev-out tapshut --physdev-is-bridged -g hostfw-ishut',
             f'-m comment --comment "unknown device" -j {verdict}',
         ],
     }
