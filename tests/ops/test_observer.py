@@ -27,6 +27,7 @@ from agent.dataplane.command import KernelWriteError
 from agent.dataplane.engine import ApplyReport
 from agent.dataplane.xtables_lock import xtables_lock
 from agent.metrics import Observer, parse_listen
+from agent.vocab.rules import IptablesRule, jump
 from agent.vocab.ruleset import IpSet, Ruleset, Table
 
 RESYNC = 30.0
@@ -65,11 +66,14 @@ def make(watchdog: float | None = None,
     return observer, notifier, clock
 
 
+DROP = IptablesRule(jump("DROP"))
+
+
 def compiled() -> Compiled:
     ruleset = Ruleset(
-        tables={(4, "filter"): Table(4, "filter", {"hostfw-a": ("-j DROP", "-j ACCEPT"),
-                                                   "hostfw-b": ("-j RETURN",)}),
-                (6, "filter"): Table(6, "filter", {"hostfw-a": ("-j DROP",)})},
+        tables={(4, "filter"): Table(4, "filter", {"hostfw-a": (DROP, IptablesRule(jump("ACCEPT"))),
+                                                   "hostfw-b": (IptablesRule(jump("RETURN")),)}),
+                (6, "filter"): Table(6, "filter", {"hostfw-a": (DROP,)})},
         ipsets={"hfw4gx": IpSet("hfw4gx", 4, frozenset({"10.0.0.1/32", "10.0.0.2/32"}))})
     return Compiled(ruleset, active_ports=("p1", "p2"))
 

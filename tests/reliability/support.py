@@ -254,7 +254,7 @@ def expected_tables(doc: dict[str, Any], devices: set[str],
     devs = frozenset(devices)
     snap = Snapshot(policy, devs, SETTINGS, {d: "br0" for d in devs}, {"br0": zone})
     ruleset = compile_ruleset(snap).ruleset
-    return {key: {name: list(rules) for name, rules in table.chains.items()}
+    return {key: {name: [rule.text for rule in rules] for name, rules in table.chains.items()}
             for key, table in ruleset.tables.items()}
 
 
