@@ -100,13 +100,10 @@ class Operation:
     def line(self) -> str:
         if self.op == ":":
             return f":{self.chain} - [0:0]"
-        if self.op == "-I":
-            assert isinstance(self.rule, IptablesRule)
-            return f"-I {self.chain} 1 {self.rule.text}"
-        if self.rule is None:
-            return f"{self.op} {self.chain}"
-        text = self.rule if isinstance(self.rule, str) else self.rule.text
-        return f"{self.op} {self.chain} {text}"
+        words = [self.op, self.chain, *(["1"] if self.op == "-I" else [])]
+        if self.rule is not None:
+            words.append(self.rule if isinstance(self.rule, str) else self.rule.text)
+        return " ".join(words)
 
 
 @dataclass

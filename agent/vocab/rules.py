@@ -6,7 +6,7 @@ Rules of this room:
    text back. The planner compares, the iptc backend builds libiptc entries
    and `agent-ctl trace` walks packets from these fields. Only the kernel's
    own output (iptables-save) is ever read as text, by the dataplane.
-2. `Rule.text` is the one rendering: exactly what `iptables-save` prints
+2. `IptablesRule.text` is the one rendering: exactly what `iptables-save` prints
    after `-A <chain> ` (addresses, interfaces and protocol first, then the
    comment, then the matches in the order given, then the target), so the
    text we write equals the text the kernel shows and a resync compares
@@ -97,10 +97,8 @@ class IptablesRule:
     def text(self) -> str:
         """The rule as iptables-save prints it after `-A <chain> `."""
         words = []
-        for flag, value in (("-s", self.src), ("-d", self.dst), ("-i", self.in_iface),
-                            ("-o", self.out_iface), ("-p", self.proto)):
-            if value:
-                words += ["!", flag, value] if flag in self.negated else [flag, value]
+        for flag, value, negated in self.header():
+            words += ["!", flag, value] if negated else [flag, value]
         if self.comment:
             quoted = f'"{self.comment}"' if " " in self.comment else self.comment
             words += ["-m comment --comment", quoted]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from agent.vocab.rules import IptablesRule, call
 
@@ -31,7 +32,7 @@ class Hook:
     chain: str      # the built-in chain
     target: str     # the owned chain it jumps to
 
-    @property
+    @cached_property
     def rule(self) -> IptablesRule:
         return IptablesRule(call(self.target))
 
