@@ -267,9 +267,14 @@ class Server:
             raise RuntimeError(f"server in {vm.ns} did not start: {err.strip()}")
 
     def peers(self) -> list[Peer]:
-        """Every flow seen so far, oldest first."""
+        """Every flow seen so far, oldest first.
+
+        The server appends while this reads: a last line without its newline
+        is still being written and is left for the next read.
+        """
+        text = self.log.read_text()
         out = []
-        for line in self.log.read_text().splitlines():
+        for line in text[:text.rfind("\n") + 1].splitlines():
             proto, port, src, sport = line.split()
             out.append(Peer(proto, int(port), src, int(sport)))
         return out
